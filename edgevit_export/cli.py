@@ -1,0 +1,234 @@
+"""Command line: parse, call the API, render with rich. Thin by design.
+
+Exit codes: 0 success · 1 a check failed · 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import CheckFailed, EdgeExportError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Export efficient vision transformers to ONNX and Core ML; check, quantize, benchmark.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("torch", "torch.onnx", "torch.export", "torch._export", "coremltools", "onnxscript", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def handle_errors(fn):
+    """User mistakes → one line on stderr and exit 2; failed checks → exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except EdgeExportError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except CheckFailed as e:
+            err_console.print(f"[bold red]check failed:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def _fmt_m(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{v:,.{digits}f}"
+
+
+@app.command("list")
+@handle_errors
+def list_cmd(
+    family: Optional[str] = typer.Option(None, help="Only this family (e.g. SHViT)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Every model: family, params, MACs at default resolution, the paper's top-1."""
+    from .api import summarize
+    from .registry import list_models
+
+    names = list_models()
+    if family:
+        names = [n for n in names if summarize_family(n).lower() == family.lower()]
+        if not names:
+            raise EdgeExportError(f"no models in family '{family}'; run 'edgevit-export list' to see families")
+    rows = []
+    with console.status("measuring params and MACs…"):
+        for n in names:
+            rows.append(summarize(n))
+    if as_json:
+        console.print_json(json.dumps([r.__dict__ for r in rows]))
+        return
+    t = Table(title="edgevit-export models (params and MACs measured here; top-1 is the paper's)")
+    for col, just in (("model", "left"), ("family", "left"), ("params (M)", "right"), ("MMACs", "right"),
+                      ("res", "right"), ("paper params (M)", "right"), ("paper MMACs", "right"),
+                      ("paper top-1", "right")):
+        t.add_column(col, justify=just)
+    for r in rows:
+        t.add_row(r.name, r.family, f"{r.params / 1e6:.2f}", f"{r.macs / 1e6:,.0f}", str(r.default_res),
+                  _fmt_m(r.paper_params_m), _fmt_m(r.paper_macs_m, 0), _fmt_m(r.paper_top1))
+    console.print(t)
+
+
+def summarize_family(name: str) -> str:
+    from .registry import get_model_info
+
+    return get_model_info(name).family
+
+
+@app.command()
+@handle_errors
+def info(
+    model: str = typer.Argument(..., help="Model name (see 'edgevit-export list')."),
+    res: Optional[str] = typer.Option(None, "--res", help="Input size: N or HxW (default: the model's)."),
+):
+    """Params, MACs at a resolution, and each stage's feature-map shape and token count."""
+    from .api import info as api_info
+
+    r = api_info(model, res)
+    s = r.summary
+    console.print(f"[bold]{s.name}[/] — {s.family}, {s.paper}")
+    console.print(f"input {r.res[0]}×{r.res[1]} · params {s.params / 1e6:.2f} M · MACs {s.macs / 1e6:,.1f} M"
+                  f" (paper at {s.default_res}: {_fmt_m(s.paper_params_m)} M params, "
+                  f"{_fmt_m(s.paper_macs_m, 0)} MMACs, top-1 {_fmt_m(s.paper_top1)})")
+    console.print(f"takes H, W multiples of {r.info.res_multiple}, at least {r.info.min_res}; "
+                  f"normalisation mean {r.info.mean} std {r.info.std}")
+    t = Table()
+    for col in ("stage", "output shape", "channels", "tokens"):
+        t.add_column(col, justify="left" if col in ("stage", "output shape") else "right")
+    for st in r.stages:
+        t.add_row(st.name, "×".join(str(d) for d in st.shape), str(st.channels), f"{st.tokens:,}")
+    console.print(t)
+
+
+@app.command()
+@handle_errors
+def export(
+    model: str = typer.Argument(..., help="Model name (see 'edgevit-export list')."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml"),
+    res: Optional[str] = typer.Option(None, "--res", help="Input size: N or HxW (default: the model's)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (.pth), official or timm layout."),
+    out: Path = typer.Option(Path("exports"), "--out", help="Output directory."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Exact artifact path (overrides --out)."),
+    opset: int = typer.Option(18, help="ONNX opset (17 or newer)."),
+    batch: int = typer.Option(1, help="Static batch size."),
+    passes: str = typer.Option("default", help="default | none | name,name,… (see 'edgevit-export passes')."),
+    distilled: Optional[bool] = typer.Option(None, "--distilled/--no-distilled",
+                                             help="Distillation head (default: detected from the checkpoint)."),
+    target: str = typer.Option("iOS16", help="Core ML deployment target: iOS16 | iOS17 | iOS18."),
+    precision: str = typer.Option("fp16", help="Core ML compute precision: fp16 | fp32."),
+    tensor_input: bool = typer.Option(False, "--tensor-input", help="Core ML: plain normalised float input 'images'."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Core ML: class names, one per line."),
+    logits: bool = typer.Option(False, "--logits", help="Core ML: raw logits output instead of a classifier."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip the parity/structure checks."),
+    force: bool = typer.Option(False, "--force", help="Replace existing files."),
+):
+    """Capture → op-rewrite passes → ONNX / Core ML → check against PyTorch."""
+    from . import api
+
+    if weights is None:
+        console.print(f"[yellow]no --weights: {model} is randomly initialised (seed 0); "
+                      "the artifact is for testing the pipeline, not for predictions[/]")
+    started = time.perf_counter()
+    last = {"t": started, "name": None}
+
+    def progress(stepname: str):
+        now = time.perf_counter()
+        if last["name"]:
+            console.print(f"  [dim]✓ {last['name']} ({now - last['t']:.1f}s)[/]")
+        last.update(t=now, name=stepname)
+        status.update(f"{stepname}…")
+
+    with console.status("starting…") as status:
+        r = api.export(model, format=format, res=res, weights=str(weights) if weights else None, out=out,
+                       output=output, opset=opset, batch=batch, check=not no_check, force=force,
+                       passes=passes, distilled=distilled, target=target, precision=precision,
+                       tensor_input=tensor_input, labels=str(labels) if labels else None, logits=logits,
+                       progress=progress)
+        progress("done")
+    render_passes(r.pipeline)
+    render_checks(r.checks)
+    console.print(f"[bold green]wrote[/] {r.artifact}  ({_size(r.artifact)})\n[bold green]wrote[/] {r.manifest_path}"
+                  f"  [dim]{time.perf_counter() - started:.1f}s in all[/]")
+    if not r.passed:
+        failed = [k for k, c in r.checks.items() if not c.get("passed", True)]
+        raise CheckFailed(f"{', '.join(failed)} did not pass (artifact kept for inspection: {r.artifact})")
+
+
+def _size(p: Path) -> str:
+    n = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return f"{n / 1e6:.1f} MB"
+
+
+def render_passes(pipe) -> None:
+    if not pipe.passes:
+        console.print("[dim]passes: none[/]")
+        return
+    t = Table(title="op-rewrite passes (graph nodes before → after)")
+    for col in ("pass", "rewrites", "nodes", "reshape/view", "permute/transpose", "max rank", "max rel err", "note"):
+        t.add_column(col, justify="left" if col in ("pass", "note") else "right")
+    for p in pipe.passes:
+        b, a = p.before, p.after
+        t.add_row(p.name, str(p.changed), f"{b.nodes} → {a.nodes}", f"{b.reshape} → {a.reshape}",
+                  f"{b.permute} → {a.permute}", f"{b.max_rank} → {a.max_rank}", f"{p.max_rel_err:.1e}",
+                  f"[yellow]refused: {p.refused}[/]" if p.refused else "")
+    console.print(t)
+
+
+def render_checks(checks: dict) -> None:
+    for name, c in checks.items():
+        ok = c.get("passed", True)
+        mark = "[green]PASS[/]" if ok else "[red]FAIL[/]"
+        if "max_rel" in c:
+            console.print(f"{mark} {name} vs {c.get('reference', 'pytorch')}: max abs {c['max_abs']:.2e}, "
+                          f"max rel {c['max_rel']:.2e} (≤ {c['tolerance']:g}), cosine {c['cosine']:.6f}, "
+                          f"top-1 agreement {c['top1_agree'] * 100:.0f}% over {c['samples']} inputs")
+        else:
+            console.print(f"{mark} {name}: {c.get('summary', '')}")
+
+
+@app.command("passes")
+@handle_errors
+def passes_cmd():
+    """The op-rewrite passes, one line each, and the default pipeline per format."""
+    from .passes import DEFAULT_PIPELINES, PASSES
+
+    t = Table(title="op-rewrite passes")
+    t.add_column("pass")
+    t.add_column("what it rewrites")
+    for fmt in DEFAULT_PIPELINES:
+        t.add_column(f"default: {fmt}", justify="center")
+    for name, p in PASSES.items():
+        t.add_row(name, p.summary, *("✓" if name in DEFAULT_PIPELINES[f] else "" for f in DEFAULT_PIPELINES))
+    console.print(t)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Where artifacts go and how they get there: output paths, atomic writes, hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import OutputError
+
+
+def res_tag(res: tuple[int, int]) -> str:
+    return str(res[0]) if res[0] == res[1] else f"{res[0]}x{res[1]}"
+
+
+def prepare_out_dir(out: str | Path) -> Path:
+    d = Path(out).expanduser()
+    if d.exists() and not d.is_dir():
+        raise OutputError(f"--out {d} exists and is not a directory; pass a directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output directory {d}: {e.strerror}; pass a writable --out") from None
+    if not os.access(d, os.W_OK):
+        raise OutputError(f"output directory {d} is not writable; pass a writable --out")
+    return d
+
+
+def check_free(paths: list[Path], force: bool) -> None:
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        raise OutputError(f"{existing[0]} already exists; pass --force to replace it")
+
+
+@contextmanager
+def staging(out_dir: Path):
+    """A temporary directory next to the final artifacts (same filesystem, so moves are atomic
+    renames); removed on the way out whatever happens."""
+    tmp = Path(tempfile.mkdtemp(prefix=".edgevit-tmp-", dir=out_dir))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit(staged: Path, final: Path) -> None:
+    """Move a staged file or directory into place, replacing what was there."""
+    if final.is_dir() and not final.is_symlink():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+
+
+def sha256(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,58 @@
+"""Measured figures: parameters by counting, MACs with torch.utils.flop_counter, stage shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, res: tuple[int, int], batch: int = 1) -> int:
+    """Multiply-accumulates of one forward pass (FlopCounterMode counts 2 FLOPs per MAC)."""
+    model.eval()
+    x = torch.zeros(batch, 3, *res)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+@dataclass
+class StageShape:
+    name: str
+    shape: tuple[int, ...]
+    tokens: int
+    channels: int
+
+
+@torch.no_grad()
+def stage_shapes(model: nn.Module, res: tuple[int, int]) -> list[StageShape]:
+    """Output shape of each stage (models name their stages in ``model.stage_names``)."""
+    model.eval()
+    out: list[StageShape] = []
+    hooks = []
+    for name in getattr(model, "stage_names", []):
+        mod = model.get_submodule(name)
+
+        def hook(_m, _i, o, name=name):
+            t = o[0] if isinstance(o, (tuple, list)) else o
+            shape = tuple(t.shape)
+            if len(shape) == 4:
+                tokens, ch = shape[2] * shape[3], shape[1]
+            else:  # (B, N, C) token layout
+                tokens, ch = shape[1], shape[-1]
+            out.append(StageShape(name, shape, tokens, ch))
+
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        model(torch.zeros(1, 3, *res))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out

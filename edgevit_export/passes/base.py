@@ -1,0 +1,174 @@
+"""What every pass shares: the Pass interface, graph statistics, shape annotation, rewiring.
+
+A pass works on the unlifted ``fx.GraphModule`` of a ``torch.export`` capture (``ep.module()``):
+ATen ops as ``call_function`` nodes, weights as ``get_attr`` nodes. ``node.meta['val']`` holds a
+tensor whose ``.shape``/``.dtype`` are the node's output; :func:`annotate` refreshes it by running
+the graph on the example inputs, so a pass may rely on shapes of every node.
+"""
+
+from __future__ import annotations
+
+import collections
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+RESHAPE_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default,
+}
+PERMUTE_OPS = {aten.permute.default, aten.transpose.int, aten.t.default}
+LAYOUT_OPS = RESHAPE_OPS | PERMUTE_OPS | {aten.contiguous.default, aten.clone.default}
+
+
+class PassRefused(Exception):
+    """A pass cannot apply without changing numbers (or at all) here; the message says why."""
+
+
+@dataclass
+class PassContext:
+    """What a pass may know besides the graph: example inputs and the model's metadata."""
+
+    example_inputs: tuple
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    input_scale: float = 255.0  # normalize_input: raw pixels in [0, input_scale]
+
+
+class Pass:
+    """A named graph rewrite. Subclasses set ``name``, ``summary`` and implement ``apply``."""
+
+    name: str = ""
+    summary: str = ""
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        """Rewrite ``gm`` in place; return how many rewrites were made. Raise PassRefused."""
+        raise NotImplementedError
+
+    def reference_input(self, x: torch.Tensor, ctx: PassContext) -> torch.Tensor:
+        """The input the original program must see to match the rewritten one fed ``x``
+        (identity except for passes that change the input contract)."""
+        return x
+
+    def sample_input(self, ctx: PassContext) -> torch.Tensor | None:
+        """An input in the domain the rewritten program expects (None: ctx.example_inputs)."""
+        return None
+
+
+@dataclass
+class GraphStats:
+    nodes: int = 0
+    reshape: int = 0
+    permute: int = 0
+    max_rank: int = 0
+    dynamic: int = 0
+    by_op: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"nodes": self.nodes, "reshape": self.reshape, "permute": self.permute,
+                "max_rank": self.max_rank, "dynamic": self.dynamic, "by_op": self.by_op}
+
+
+def op_name(node: fx.Node) -> str:
+    t = node.target
+    if hasattr(t, "_overloadpacket"):
+        return str(t._overloadpacket.__name__)
+    return getattr(t, "__name__", str(t))
+
+
+def graph_stats(gm: fx.GraphModule) -> GraphStats:
+    s = GraphStats()
+    by_op: collections.Counter = collections.Counter()
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is operator.getitem:
+            continue
+        s.nodes += 1
+        by_op[op_name(n)] += 1
+        if n.target in RESHAPE_OPS:
+            s.reshape += 1
+        elif n.target in PERMUTE_OPS:
+            s.permute += 1
+        if _is_sym(n):
+            s.dynamic += 1
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            s.max_rank = max(s.max_rank, v.dim())
+    s.by_op = dict(sorted(by_op.items(), key=lambda kv: (-kv[1], kv[0])))
+    return s
+
+
+def _is_sym(n: fx.Node) -> bool:
+    if n.target in (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int):
+        return True
+    v = n.meta.get("val")
+    return isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def shape(n) -> tuple[int, ...] | None:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return tuple(int(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+class _Annotator(fx.Interpreter):
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["val"] = torch.empty(out.shape, dtype=out.dtype, device="meta")
+        elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+            n.meta["val"] = [torch.empty(o.shape, dtype=o.dtype, device="meta") for o in out]
+        elif isinstance(out, (int, float, bool)):
+            n.meta["val"] = out
+        return out
+
+
+@torch.no_grad()
+def annotate(gm: fx.GraphModule, inputs: tuple):
+    """Run ``gm`` on ``inputs``, store every node's output shape in ``meta['val']``; return outputs."""
+    return _Annotator(gm).run(*inputs)
+
+
+def add_constant(gm: fx.GraphModule, before: fx.Node, value: torch.Tensor, hint: str) -> fx.Node:
+    """Register ``value`` as a buffer of ``gm`` and insert a get_attr node for it before ``before``."""
+    i = 0
+    while hasattr(gm, f"_{hint}_{i}"):
+        i += 1
+    name = f"_{hint}_{i}"
+    gm.register_buffer(name, value.detach().clone().contiguous())
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return node
+
+
+def constant_value(gm: fx.GraphModule, n) -> torch.Tensor | None:
+    if isinstance(n, fx.Node) and n.op == "get_attr":
+        obj = gm
+        for part in str(n.target).split("."):
+            obj = getattr(obj, part)
+        return obj.detach() if isinstance(obj, torch.Tensor) else None
+    return None
+
+
+def finish(gm: fx.GraphModule) -> None:
+    """Drop dead nodes and unused weights, lint and regenerate code."""
+    gm.graph.eliminate_dead_code()
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_buffers()):
+        if name.startswith("_") and "." not in name and name not in used:
+            delattr(gm, name)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max absolute difference relative to the reference's scale (max |b|)."""
+    a, b = a.detach().float(), b.detach().float()
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)

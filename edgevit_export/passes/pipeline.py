@@ -1,0 +1,133 @@
+"""The pass registry, the default pipeline per backend, and the runner that proves each pass.
+
+``run_passes`` takes the captured program, applies the named passes one by one to its unlifted
+graph, checks after every pass that the rewritten graph computes the same function on a seeded
+input (relative max error ≤ 1e-5 in fp32; a pass that breaks that is rolled back and reported as
+refused), then re-exports the result so every backend receives a fresh ``ExportedProgram``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import EdgeExportError
+from .base import GraphStats, Pass, PassContext, PassRefused, annotate, finish, graph_stats, rel_err
+from .cancel_reshapes import CancelReshapes
+from .fold_batchnorm import FoldBatchNorm
+from .linear_to_conv import LinearToConv
+from .normalize_input import NormalizeInput
+from .rank_le5 import RankLe5
+from .static_shapes import StaticShapes
+
+EXACT_TOL = 1e-5
+
+PASSES: dict[str, Pass] = {p.name: p for p in (
+    StaticShapes(), FoldBatchNorm(), RankLe5(), CancelReshapes(), LinearToConv(), NormalizeInput())}
+
+DEFAULT_PIPELINES = {
+    "onnx": ["static_shapes", "fold_batchnorm", "rank_le5", "cancel_reshapes"],
+    "coreml": ["static_shapes", "fold_batchnorm", "rank_le5", "cancel_reshapes", "linear_to_conv",
+               "normalize_input"],
+}
+
+
+@dataclass
+class PassResult:
+    name: str
+    changed: int
+    before: GraphStats
+    after: GraphStats
+    max_rel_err: float = 0.0
+    refused: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "changed": self.changed, "refused": self.refused,
+                "max_rel_err": self.max_rel_err, "before": self.before.as_dict(), "after": self.after.as_dict()}
+
+
+@dataclass
+class PipelineResult:
+    program: torch.export.ExportedProgram
+    passes: list[PassResult]
+    before: GraphStats
+    after: GraphStats
+    example_input: torch.Tensor          # an input in the domain the rewritten program expects
+    raw_input: bool = False              # normalize_input applied: the program takes raw pixels
+    input_scale: float = 255.0
+    notes: list[str] = field(default_factory=list)
+
+    def reference_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the original model must be fed to match the rewritten program fed ``x``."""
+        for p in self._contract_passes:
+            x = p.reference_input(x, self._ctx)
+        return x
+
+
+def resolve_passes(spec: str | list[str] | None, backend: str, *, tensor_input: bool = False) -> list[str]:
+    """``default`` | ``none`` | ``name,name,…`` → a list of pass names (validated)."""
+    if spec is None or spec == "default":
+        names = list(DEFAULT_PIPELINES[backend])
+        if tensor_input and "normalize_input" in names:
+            names.remove("normalize_input")
+        return names
+    if spec == "none" or spec == []:
+        return []
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise EdgeExportError(f"unknown pass '{unknown[0]}'; known passes: {', '.join(PASSES)} "
+                              "(or 'default', 'none'); run 'edgevit-export passes'")
+    return names
+
+
+def run_passes(ep: torch.export.ExportedProgram, names: list[str], ctx: PassContext,
+               progress=None) -> PipelineResult:
+    gm = ep.module()
+    start = graph_stats(gm)
+    results: list[PassResult] = []
+    contract: list[Pass] = []
+    cur_out = annotate(gm, ctx.example_inputs)  # the current program's output on the current input
+    for name in names:
+        p = PASSES[name]
+        if progress:
+            progress(name)
+        backup = copy.deepcopy(gm)
+        before = graph_stats(gm)
+        x = p.sample_input(ctx)
+        x_in = x if x is not None else ctx.example_inputs[0]
+        ref = cur_out if x is None else annotate(backup, (p.reference_input(x_in, ctx),))
+        try:
+            changed = p.apply(gm, ctx)
+            finish(gm)
+            out = annotate(gm, (x_in,))
+        except PassRefused as e:
+            gm = backup
+            results.append(PassResult(name, 0, before, before, refused=str(e)))
+            continue
+        err = max(rel_err(o, r) for o, r in zip(_flat(out), _flat(ref)))
+        if err > EXACT_TOL:
+            gm = backup
+            results.append(PassResult(name, 0, before, before, max_rel_err=err,
+                                      refused=f"rewrite changed the numbers (relative error {err:.2e} > {EXACT_TOL:g})"))
+            continue
+        if x is not None and changed:  # the input contract changed (raw pixels from now on)
+            ctx.example_inputs = (x,)
+            contract.append(p)
+        cur_out = out if x is None or changed else cur_out
+        results.append(PassResult(name, changed, before, graph_stats(gm), max_rel_err=err))
+    with torch.no_grad():
+        program = torch.export.export(gm, ctx.example_inputs) if names else ep
+    res = PipelineResult(program, results, start, results[-1].after if results else start,
+                         ctx.example_inputs[0], raw_input=bool(contract), input_scale=ctx.input_scale)
+    res._contract_passes = contract
+    res._ctx = ctx
+    return res
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [o for o in out if isinstance(o, torch.Tensor)]

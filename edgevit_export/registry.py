@@ -1,0 +1,142 @@
+"""Model names → constructors and metadata.
+
+Each model family file calls :func:`register_model` once per variant. Metadata holds what a user
+needs to pick and feed a model (default resolution, normalisation, which sizes it takes) and the
+paper's own figures, which are always labelled as the paper's: our own params/MACs are measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from .errors import ResolutionError, UnknownModelError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    paper: str
+    builder: Callable[..., nn.Module] = field(repr=False)
+    default_res: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # The paper's figures at default_res (None where the paper gives none).
+    paper_params_m: float | None = None
+    paper_macs_m: float | None = None
+    paper_top1: float | None = None
+    # Which input sizes the architecture takes: H and W multiples of res_multiple, >= min_res.
+    res_multiple: int = 32
+    min_res: int = 64
+    # Checkpoint handling: map a foreign layout (e.g. timm's) to ours; infer builder kwargs
+    # (distillation head, number of classes) from a state dict in our layout.
+    convert_state_dict: Callable[[dict], dict] | None = field(default=None, repr=False)
+    infer_kwargs: Callable[[dict], dict] | None = field(default=None, repr=False)
+    weights_note: str = ""
+
+    def check_resolution(self, res: tuple[int, int]) -> None:
+        h, w = res
+        if h <= 0 or w <= 0:
+            raise ResolutionError(f"resolution must be positive, got {h}x{w}")
+        if h < self.min_res or w < self.min_res or h % self.res_multiple or w % self.res_multiple:
+            raise ResolutionError(
+                f"{self.name} cannot take {h}x{w}: height and width must be multiples of "
+                f"{self.res_multiple} and at least {self.min_res} (e.g. {self.default_res}, 512, 1024)"
+            )
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(**meta) -> Callable:
+    """Decorator: ``@register_model(family=..., paper=..., default_res=..., ...)`` on a builder
+    function whose name is the model name and which takes ``num_classes`` and keyword options."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = meta.pop("name", fn.__name__)
+        if name in _REGISTRY:
+            raise RuntimeError(f"model {name} registered twice")
+        _REGISTRY[name] = ModelInfo(name=name, builder=fn, **meta)
+        return fn
+
+    return wrap
+
+
+def _ensure_loaded() -> None:
+    from . import models  # noqa: F401  (imports every family file, which registers its models)
+
+
+def list_models(family: str | None = None) -> list[str]:
+    _ensure_loaded()
+    return [n for n, i in _REGISTRY.items() if family is None or i.family == family]
+
+
+def get_model_info(name: str) -> ModelInfo:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownModelError(name, list(_REGISTRY)) from None
+
+
+def parse_resolution(res: int | str | tuple[int, int] | None, info: ModelInfo) -> tuple[int, int]:
+    """``1024`` / ``"1024"`` / ``"768x1024"`` (height x width) / ``(h, w)`` → (h, w), checked."""
+    if res is None:
+        res = info.default_res
+    if isinstance(res, str):
+        try:
+            parts = [int(p) for p in res.lower().split("x")]
+        except ValueError:
+            raise ResolutionError(f"resolution '{res}' is not a number; use e.g. 1024 or 768x1024") from None
+        if len(parts) not in (1, 2):
+            raise ResolutionError(f"resolution '{res}': use N or HxW, e.g. 1024 or 768x1024")
+        res = (parts[0], parts[-1])
+    if isinstance(res, int):
+        res = (res, res)
+    hw = (int(res[0]), int(res[1]))
+    info.check_resolution(hw)
+    return hw
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    weights: str | None = None,
+    distilled: bool | None = None,
+    seed: int = 0,
+    **kwargs,
+) -> nn.Module:
+    """Build a model by name, in eval mode.
+
+    Without ``weights`` the model is randomly initialised with a fixed ``seed`` (reproducible).
+    With ``weights`` the checkpoint is read safely, mapped from timm's layout when needed, and
+    loaded strictly; options the checkpoint implies (a distillation head, the number of classes)
+    are taken from it unless given explicitly.
+    """
+    import torch
+
+    from .weights import load_into, read_checkpoint, to_our_layout
+
+    info = get_model_info(name)
+    sd = None
+    if weights is not None:
+        sd = to_our_layout(read_checkpoint(weights), info)
+        if info.infer_kwargs is not None:
+            for k, v in info.infer_kwargs(sd).items():
+                kwargs.setdefault(k, v)
+    if distilled is not None:
+        kwargs["distillation"] = distilled
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    torch.manual_seed(seed)
+    model = info.builder(**kwargs)
+    if sd is not None:
+        load_into(model, sd, name, str(weights))
+    return model.eval()

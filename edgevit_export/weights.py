@@ -1,0 +1,106 @@
+"""Checkpoint loading: safe ``torch.load``, unwrapping, layout mapping, clear errors.
+
+A checkpoint is data, never code: always ``weights_only=True``. Official checkpoints come wrapped
+(``{'model': sd}``, ``{'state_dict': sd}``, ``{'model_ema': sd}``) and sometimes with a
+``module.`` prefix from DataParallel; timm checkpoints use timm's parameter names, which each model
+family maps to ours with its ``convert_state_dict``. Loading is strict: every key must match.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import WeightsError
+from .registry import ModelInfo
+
+_WRAPPERS = ("model", "state_dict", "model_ema", "module", "net")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat state dict of tensors (no model needed)."""
+    p = Path(path)
+    if not p.exists():
+        raise WeightsError(f"weights file not found: {p}")
+    if not p.is_file():
+        raise WeightsError(f"weights path is not a file: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(
+            f"{p} is not a readable PyTorch checkpoint ({first[:160]}); pass a .pth/.pt saved with torch.save"
+        ) from None
+    return unwrap_state_dict(obj, source=str(p))
+
+
+def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(obj, dict) and not _is_state_dict(obj):
+            inner = next((obj[k] for k in _WRAPPERS if k in obj and isinstance(obj[k], dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not _is_state_dict(obj):
+        raise WeightsError(
+            f"{source} holds no state dict (expected tensors by name, or {{'model': state_dict}})"
+        )
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_state_dict(d: dict) -> bool:
+    return bool(d) and all(isinstance(k, str) for k in d) and any(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def to_our_layout(sd: dict[str, torch.Tensor], info: ModelInfo) -> dict[str, torch.Tensor]:
+    """Map a foreign layout (timm's) to ours where the family knows how; ours passes through."""
+    if info.convert_state_dict is not None:
+        return info.convert_state_dict(sd)
+    return sd
+
+
+def load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, source: str) -> None:
+    """Strict load with an error that names what does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} {label} ({shown})")
+    if problems:
+        raise WeightsError(f"{source} does not fit {name}: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=True)
+
+
+@torch.no_grad()
+def randomize_norm_stats(model: nn.Module, seed: int = 0) -> None:
+    """Give every norm layer random affine parameters and running statistics.
+
+    Freshly initialised models zero many residual branches (BN weight 0) and use identity
+    statistics, so a numeric check on them would exercise little of the graph. Exports without
+    ``--weights`` call this so parity figures mean something.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+            if getattr(m, "weight", None) is not None:
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+            if getattr(m, "bias", None) is not None:
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None:
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
