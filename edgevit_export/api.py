@@ -122,7 +122,7 @@ def export(
     else:
         out_dir = artifacts.prepare_out_dir(out)
         artifact = out_dir / f"{name}-{artifacts.res_tag(hw)}{ext}"
-    manifest_path = artifact.with_suffix(".json")
+    manifest_path = artifact.with_suffix(".json" if format == "onnx" else ".coreml.json")
     artifacts.check_free([artifact, manifest_path], force)
 
     timings: dict[str, float] = {}
@@ -130,6 +130,11 @@ def export(
     step("build model")
     info, hw, model, random_init = prepare_model(name, hw, weights, distilled)
     example = torch.randn(batch, 3, *hw, generator=torch.Generator().manual_seed(0))
+    if format == "coreml":
+        num_classes = _num_classes(model, example)
+        coreml_backend.class_labels(num_classes, coreml_opts["labels"])  # wrong count → error now
+        if not logits:  # a classifier reports probabilities: softmax is part of the program
+            model = WithSoftmax(model).eval()
     step("capture (torch.export)")
     ep = capture(model, example)
     timings["capture"] = time.perf_counter() - t0
@@ -155,7 +160,8 @@ def export(
             step("convert to Core ML")
             backend, io = coreml_backend.to_coreml(pipe, staged, info=info, model_name=name, res=hw,
                                                    tensor_input=tensor_input, logits=logits,
-                                                   params=count_params(model), **coreml_opts)
+                                                   params=count_params(model), num_classes=num_classes,
+                                                   **coreml_opts)
         timings["convert"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -164,7 +170,8 @@ def export(
             if format == "onnx":
                 checks["parity"] = _onnx_parity(staged, model, pipe).as_dict()
             else:
-                checks.update(coreml_backend.check(staged, model, pipe, precision=coreml_opts["precision"]))
+                checks.update(coreml_backend.check(staged, model, pipe, precision=coreml_opts["precision"],
+                                                   tensor_input=tensor_input, logits=logits))
         timings["check"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -199,6 +206,25 @@ def export(
         artifacts.commit(staged_manifest, manifest_path)
     return ExportResult(name, format, hw, artifact, manifest_path, manifest, pipe,
                         parity=checks.get("parity"), checks=checks, random_init=random_init, seconds=timings)
+
+
+class WithSoftmax(torch.nn.Module):
+    """The model followed by softmax over classes (Core ML classifiers report probabilities)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.softmax(self.model(x), dim=-1)
+
+
+def _num_classes(model: torch.nn.Module, example: torch.Tensor) -> int:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    with torch.no_grad():
+        return int(model(example[:1]).shape[-1])
 
 
 def _onnx_parity(path: Path, model: torch.nn.Module, pipe: PipelineResult, count: int = 3):

@@ -184,7 +184,8 @@ class LGLBlock(nn.Module):
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.LocalAgg = LocalAgg(dim, mlp_ratio, drop, drop_path) if sr_ratio > 1 else nn.Identity()
-        self.SelfAttn = SelfAttn(dim, num_heads, sr_ratio, mlp_ratio, True, drop, attn_drop, drop_path)
+        self.SelfAttn = SelfAttn(dim, num_heads, sr_ratio, mlp_ratio, qkv_bias=True, drop=drop,
+                                attn_drop=attn_drop, drop_path=drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.SelfAttn(self.LocalAgg(x))

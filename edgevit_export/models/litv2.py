@@ -34,7 +34,7 @@ official formula counts only the offset conv and the 2×2 conv) nor the softmax;
 Linear and attention matmul alike. :func:`official_flops_extra` is that difference (official −
 flop_counter). At 224²: litv2_s 3.7236 G counted + 0.0108 = 3.7344 G (paper 3.7), litv2_m
 7.4630 + 0.0162 = 7.4792 G (paper 7.5), litv2_b 13.1720 + 0.0216 = 13.1936 G (paper 13.2): the
-sums equal the official formulas evaluated at 224² exactly; the raw counts are within 0.6%.
+sums equal the official formulas evaluated at 224² exactly; the raw counts are within 0.7% of the paper.
 """
 
 from __future__ import annotations
@@ -280,6 +280,8 @@ class LITLayer(nn.Module):
 
 
 class LITv2(nn.Module):
+    """LITv2 classifier: stem → four LITLayers (DTM between them) → LayerNorm → token mean → head."""
+
     def __init__(self, embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                  num_classes: int = 1000, in_chans: int = 3, alpha: float = ALPHA,
                  local_ws=LOCAL_WS, has_msa=HAS_MSA):
