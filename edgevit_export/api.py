@@ -280,3 +280,87 @@ def info(name: str, res=None) -> ModelReport:
     s = ModelSummary(name, meta.family, meta.paper, meta.default_res, count_params(model), count_macs(model, hw),
                      meta.paper_params_m, meta.paper_macs_m, meta.paper_top1)
     return ModelReport(s, hw, stage_shapes(model, hw), meta)
+
+
+# --- inspect: the mobile-unfriendliness report --------------------------------------------------
+
+SOURCES = {
+    "rank": "coremltools: Core ML supports tensors of rank ≤ 5 (MIL tensor rank limit)",
+    "dynamic": "coremltools flexible-shape guide: static shapes let Core ML plan memory and pick the "
+               "Neural Engine; shape arithmetic from x.shape becomes dynamic ops",
+    "layout": "Apple, 'Deploying Transformers on the Apple Neural Engine' (2022), principle 1: use the "
+              "4-D channels-first (B, C, 1, S) data format",
+    "copies": "Apple, 'Deploying Transformers on the Apple Neural Engine' (2022), principle 3: minimise "
+              "memory copies — reshapes and transposes",
+    "paper": "SHViT (CVPR 2024), Sec. 3: memory-bound reshapes/permutes dominate attention latency on device",
+}
+
+
+@dataclass
+class Finding:
+    what: str
+    count: int
+    source: str
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InspectReport:
+    model: str
+    format: str
+    res: tuple[int, int]
+    passes: list[str]
+    before: dict
+    after: dict
+    findings_before: list[Finding]
+    findings_after: list[Finding]
+
+
+def _findings(gm, fmt: str) -> list[Finding]:
+    from .passes.base import PERMUTE_OPS, RESHAPE_OPS, shape
+    from .passes.rank_le5 import high_rank_nodes, source_of
+    from .passes.static_shapes import _SIZE_OPS
+
+    out = []
+    high = high_rank_nodes(gm)
+    out.append(Finding("tensors of rank > 5", len(high), SOURCES["rank"],
+                       [f"{source_of(n)} {shape(n)}" for n in high[:3]]))
+    dyn = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _SIZE_OPS]
+    out.append(Finding("dynamic shape ops (sym_size)", len(dyn), SOURCES["dynamic"],
+                       [source_of(n) for n in dyn[:3]]))
+    reshapes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in RESHAPE_OPS]
+    perms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in PERMUTE_OPS]
+    out.append(Finding("reshape/view ops", len(reshapes), SOURCES["copies"],
+                       sorted({source_of(n) for n in reshapes})[:3]))
+    out.append(Finding("permute/transpose ops", len(perms), SOURCES["copies"],
+                       sorted({source_of(n) for n in perms})[:3]))
+    if fmt == "coreml":
+        compute = [n for n in gm.graph.nodes if n.op == "call_function" and shape(n) is not None
+                   and n.target not in RESHAPE_OPS | PERMUTE_OPS and len(shape(n)) not in (4,)
+                   and len(shape(n)) > 2]
+        out.append(Finding("compute ops on tensors that are not 4-D channels-first", len(compute),
+                           SOURCES["layout"], sorted({source_of(n) for n in compute})[:3]))
+    return out
+
+
+def inspect(name: str, *, res=None, format: str = "onnx", passes: str | None = "default",
+            weights: str | None = None, progress: Callable[[str], None] | None = None) -> InspectReport:
+    """The mobile-unfriendliness report of a model's graph before and after the pass pipeline."""
+    from .passes import graph_stats
+    from .passes.base import annotate
+
+    if format not in FORMATS:
+        raise EdgeExportError(f"unknown format '{format}'; use one of: {', '.join(FORMATS)}")
+    names = resolve_passes(passes, format)
+    info_, hw, model, _ = prepare_model(name, res, weights, None)
+    example = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
+    (progress or (lambda s: None))("capture")
+    ep = capture(model, example)
+    gm0 = ep.module()
+    annotate(gm0, (example,))
+    ctx = PassContext((example,), mean=info_.mean, std=info_.std)
+    pipe = run_passes(ep, names, ctx, progress=progress)
+    gm1 = pipe.program.module()
+    annotate(gm1, (pipe.example_input,))
+    return InspectReport(name, format, hw, names, graph_stats(gm0).as_dict(), graph_stats(gm1).as_dict(),
+                         _findings(gm0, format), _findings(gm1, format))

@@ -222,6 +222,53 @@ def passes_cmd():
     console.print(t)
 
 
+@app.command("inspect")
+@handle_errors
+def inspect_cmd(
+    model: str = typer.Argument(..., help="Model name (see 'edgevit-export list')."),
+    res: Optional[str] = typer.Option(None, "--res", help="Input size: N or HxW (default: the model's)."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml (which default pipeline)."),
+    passes: str = typer.Option("default", help="default | none | name,name,…"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Mobile-unfriendliness report before and after the pass pipeline, each finding with its source."""
+    from dataclasses import asdict
+
+    from . import api
+
+    with console.status("capturing and rewriting…") as status:
+        r = api.inspect(model, res=res, format=format, passes=passes, progress=lambda s: status.update(f"{s}…"))
+    if as_json:
+        print(json.dumps(asdict(r), indent=2, default=str))
+        return
+    console.print(f"[bold]{r.model}[/] at {r.res[0]}×{r.res[1]}, {r.format} pipeline: "
+                  f"{', '.join(r.passes) or 'no passes'}")
+    t = Table(title="graph before → after the passes")
+    t.add_column("finding")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_column("where (after, else before)")
+    t.add_column("why it matters (source)")
+    t.add_row("total ops", str(r.before["nodes"]), str(r.after["nodes"]), "", "")
+    t.add_row("max tensor rank", str(r.before["max_rank"]), str(r.after["max_rank"]), "", "")
+    for fb, fa in zip(r.findings_before, r.findings_after):
+        style = "green" if fa.count < fb.count else ("red" if fa.count else "")
+        where = ", ".join(fa.examples or fb.examples)
+        t.add_row(fb.what, str(fb.count), f"[{style}]{fa.count}[/]" if style else str(fa.count), where, fb.source)
+    console.print(t)
+
+
+def _register_commands() -> None:
+    from .bench.commands import register as register_bench
+    from .calibration.commands import register as register_quantize
+
+    register_bench(app, console, handle_errors)
+    register_quantize(app, console, handle_errors)
+
+
+_register_commands()
+
+
 def main() -> None:
     try:
         app(standalone_mode=True)

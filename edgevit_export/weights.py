@@ -8,8 +8,9 @@ family maps to ours with its ``convert_state_dict``. Loading is strict: every ke
 
 from __future__ import annotations
 
+import argparse
 import pickle
-import zipfile
+import re
 from pathlib import Path
 
 import torch
@@ -29,11 +30,23 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise WeightsError(f"weights path is not a file: {p}")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
+        # Training scripts (DeiT-style main.py) store their argparse Namespace beside the weights:
+        # plain data, safe to allow. Anything else that is not tensors/containers is refused.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if not m:
+            raise WeightsError(f"{p} is not a readable PyTorch checkpoint; pass a .pth/.pt saved with torch.save") from None
+        what = f"a pickled {m.group(1)} object"
+        raise WeightsError(
+            f"{p} holds {what}, which is never unpickled (a checkpoint is data, not code); re-save just the "
+            f"weights: torch.save({{'model': ckpt['model']}}, 'clean.pth') in the environment that made it"
+        ) from None
+    except Exception as e:  # any failure to parse a file the user named is bad input, not a bug
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(
-            f"{p} is not a readable PyTorch checkpoint ({first[:160]}); pass a .pth/.pt saved with torch.save"
+            f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {first[:160]}); pass a .pth/.pt saved with torch.save"
         ) from None
     return unwrap_state_dict(obj, source=str(p))
 

@@ -174,7 +174,12 @@ def test_state_dict_layout_is_timms(name):
         assert sum(bool(re.match(rf"stages\.{i}\.blocks\.0\.mixer\.m\.attn\.qkvs\.\d\.conv\.weight", k)) for k in sd) == nh
 
 
-@pytest.mark.parametrize("name", ["efficientvit_m0", "efficientvit_m5"])
+@pytest.fixture(scope="module")
+def m0_live() -> torch.nn.Module:
+    return _live(create_model("efficientvit_m0"))
+
+
+@pytest.mark.parametrize("name", ["efficientvit_m0"])
 def test_timm_checkpoint_loads_strictly_and_round_trips(name, tmp_path):
     src = _live(create_model(name, num_classes=10), seed=1)
     sd = src.state_dict()
@@ -184,7 +189,7 @@ def test_timm_checkpoint_loads_strictly_and_round_trips(name, tmp_path):
     assert model.head.linear.out_features == 10
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd[k]), k
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(1, 3, 128, 160)
     with torch.no_grad():
         y = model(x)
         assert torch.equal(src(x), y)
@@ -203,7 +208,7 @@ def test_training_resolution_is_inferred_from_bias_tables(tmp_path):
     assert src.stages[2].blocks[0].mixer.m.attn.attention_biases.shape == (4, 49)
     torch.save(src.state_dict(), tmp_path / "m0_512.pth")
     model = create_model("efficientvit_m0", weights=str(tmp_path / "m0_512.pth"))
-    x = torch.randn(1, 3, 512, 512)
+    x = torch.randn(1, 3, 160, 160)  # stage-3 map 3x3: attended whole, offsets from the 7x7 table
     with torch.no_grad():
         assert torch.equal(model(x), src(x))
 
@@ -235,17 +240,16 @@ def _timm_window_attention(lwa: LocalWindowAttention, x: torch.Tensor) -> torch.
 
 @pytest.mark.parametrize("stage,hw", [(0, (14, 14)), (0, (16, 16)), (0, (9, 20)), (1, (8, 7)),
                                       (2, (4, 4)), (2, (8, 8)), (2, (6, 10)), (2, (3, 2))])
-def test_window_partition_matches_timm(stage, hw):
-    model = _live(create_model("efficientvit_m0"))
-    lwa = model.stages[stage].blocks[0].mixer.m
+def test_window_partition_matches_timm(stage, hw, m0_live):
+    lwa = m0_live.stages[stage].blocks[0].mixer.m
     x = torch.randn(2, lwa.attn.proj[1].conv.out_channels, *hw)
     with torch.no_grad():
         torch.testing.assert_close(lwa(x), _timm_window_attention(lwa, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("hw", [(7, 7), (3, 5), (1, 1), (7, 2)])
-def test_attention_bias_is_indexed_by_relative_offset(hw):
-    attn = _live(create_model("efficientvit_m0")).stages[0].blocks[0].mixer.m.attn  # 7x7 table
+def test_attention_bias_is_indexed_by_relative_offset(hw, m0_live):
+    attn = m0_live.stages[0].blocks[0].mixer.m.attn  # 7x7 table
     h, w = hw
     bias = attn.attention_bias(h, w)
     assert bias.shape == (4, h * w, h * w)
@@ -274,10 +278,8 @@ def test_refused_resolutions(res):
             parse_resolution(res, get_model_info(name))
 
 
-@pytest.mark.parametrize("res", [224, 512])
-def test_export_is_static_rank5_and_onnx_matches(res, tmp_path):
+def _export_and_check_onnx(model: torch.nn.Module, res: int, tmp_path) -> torch.export.ExportedProgram:
     ort = pytest.importorskip("onnxruntime")
-    model = _live(create_model("efficientvit_m0"))
     x = torch.randn(1, 3, res, res)
     with torch.no_grad():
         ref = model(x).numpy()
@@ -285,18 +287,23 @@ def test_export_is_static_rank5_and_onnx_matches(res, tmp_path):
     shapes = [n.meta["val"].shape for n in ep.graph.nodes if hasattr(n.meta.get("val"), "shape")]
     assert max(len(s) for s in shapes) <= 5  # Core ML's limit
     assert all(isinstance(d, int) for s in shapes for d in s)  # no symbolic sizes
-    path = tmp_path / "m0.onnx"
+    path = tmp_path / "m.onnx"
     torch.onnx.export(ep, (x,), str(path), dynamo=True)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    return ep
+
+
+def test_export_at_512_is_static_rank5_and_onnx_matches(m0_live, tmp_path):
+    # 512: stage maps 32, 16, 8 -> padded 7x7 windows (35, 21) and four 4x4 windows.
+    _export_and_check_onnx(m0_live, 512, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,res", [(n, 224) for n in VARIANTS] + [("efficientvit_m0", 512)])
-def test_coreml_conversion(name, res):
+@pytest.mark.parametrize("name,res", [(n, 224) for n in VARIANTS] + [("efficientvit_m0", 512), ("efficientvit_m5", 1024)])
+def test_onnx_and_coreml(name, res, tmp_path):
     ct = pytest.importorskip("coremltools")
-    model = create_model(name)
-    ep = torch.export.export(model, (torch.randn(1, 3, res, res),)).run_decompositions({})
-    ml = ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
+    ep = _export_and_check_onnx(_live(create_model(name)), res, tmp_path)
+    ml = ct.convert(ep.run_decompositions({}), convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
     assert ml is not None

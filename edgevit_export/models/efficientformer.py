@@ -29,26 +29,31 @@ interpolation (PyTorch's kernel a = −0.75, align_corners=False, no antialias) 
 with the new grid's offsets. This is the LeViT/TinyViT/timm convention for moving such tables to a
 new resolution (``resize_rel_pos_bias_table_levit``); the resampling is done with two small
 constant matrices, so the exported graph holds only matmuls and a gather on constants, which the
-converters fold. (EfficientFormer's own detection/segmentation code instead bicubically resizes the
-expanded N×N bias matrix over flattened token indices; we do not follow it because it blends biases
-across image rows.) Accuracy away from 224 without fine-tuning is not claimed by either paper.
+converters fold. (EfficientFormerV2's own detection/segmentation backbones instead bicubically resize the
+expanded N×N bias matrix over flattened token indices; we do not follow them because that blends
+biases across image rows.) Accuracy away from 224 without fine-tuning is not claimed by either paper.
 
-Figures (the papers', 224×224; ours measured with ``torch.utils.flop_counter``):
+Figures at 224×224 (params in millions, MACs in G; ours measured with ``torch.utils.flop_counter``):
 
-================  ======  ======  =========  ========  =====
-model             paper   timm    ours       ours      top-1
-                  params  params  params     MACs
-================  ======  ======  =========  ========  =====
-EfficientFormer   12.3M   12.29M  12.290M    1.304 G   79.2
--L1 (1.3 G)
-EfficientFormerV2 6.1M    6.19M   6.192M     0.650 G   79.0
--S1 (0.65 G)
-================  ======  ======  =========  ========  =====
+====================  =============  ======  ============  ==========  =====  =====
+model                 paper params   timm    ours params   ours, BN    ours   paper
+                      / GMACs        params  (timm form)   folded      MACs   top-1
+====================  =============  ======  ============  ==========  =====  =====
+EfficientFormer-L1    12.3 / 1.3     12.29   12.290        12.258      1.291  79.2
+EfficientFormerV2-S1  6.1 / 0.65     6.19    6.186         6.115       0.652  79.0
+====================  =============  ======  ============  ==========  =====  =====
 
-V2-S1's parameter count includes the distillation head (224×1000 + 1000 = 0.225M); without it
-the model has 5.97M. The paper's 6.1M lies between the two and is matched by neither convention;
-timm reports 6.19M, which we match exactly. MACs count convs, linears and attention matmuls
-(BN, activations, pooling, softmax and the bias gather are not counted).
+Parameters match timm's counts to 0.1% (both heads included: the distillation head is
+224·1000 + 1000 = 0.225M in V2-S1). The papers' figures are consistent with counting the deployed model, whose BatchNorms
+fold into the preceding convs (which already carry biases): that count, 12.258M and 6.115M, rounds
+to both papers' figures, while V2-S1 with BN (6.186M) is 1.4% above its paper's 6.1M. MACs count convs,
+linears and attention matmuls (not BN, activations, pooling, softmax or the bias gather) and are
+within 0.7% of the papers'. Top-1 is the papers' (distilled training, as timm's weights).
+
+Core ML: both convert at 224, 512 and 1024. The position bias of every attention is folded into
+a constant of shape (heads, Nq, Nk), so the .mlpackage grows with resolution: at 1024 (fp16)
+L1 goes from 24 to 40 MB, V2-S1 from 13 to 141 MB (its stage-4 downsampler alone holds an
+8×1024×4096 bias); at run time that attention map takes as much memory again.
 """
 
 from __future__ import annotations
@@ -59,7 +64,6 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..registry import register_model
 

@@ -22,22 +22,33 @@ single conv with bias (``reparam_conv``). ConvFFN's conv+BN and the attention pr
 reparameterised (timm leaves them too). ``inference_mode=True`` builds that form directly, so
 reparameterised checkpoints load as well.
 
-Figures (the paper's Table, all at 256×256, the timm default resolution):
+Figures at 256×256 (the paper's resolution and timm's default), params in millions, MACs in G:
 
-=========  ==============  ===============  ==========  ===========  ===========  =====
-variant    paper params    timm (train)     ours train  ours infer   MACs infer   top-1
-=========  ==============  ===============  ==========  ===========  ===========  =====
-T8         3.6M            4.03M            4.026M      3.62M        0.705 G      75.6
-T12        6.8M            7.55M            7.551M      6.78M        1.401 G      79.1
-SA12       10.9M           11.58M           11.577M     10.89M       1.895 G      80.6
-=========  ==============  ===============  ==========  ===========  ===========  =====
+=======  ============  ===========  =================  =================  =====
+variant  paper params  timm params  ours: train-time   ours: reparam.     paper
+         / GFLOPs      (train-time) params / MACs      params / MACs      top-1
+=======  ============  ===========  =================  =================  =====
+T8       3.6 / 0.7     4.03         4.026 / 0.690      3.996 / 0.685      75.6
+T12      6.8 / 1.4     7.55         7.554 / 1.398      7.509 / 1.391      79.1
+SA12     10.9 / 1.9    11.58        11.581 / 1.944     11.545 / 1.937     80.6
+=======  ============  ===========  =================  =================  =====
 
-Conventions: the paper counts parameters of the reparameterised (inference) model; timm's model
-card counts the train-time form. Both agree with ours within 1% (the paper's figure is rounded to
-0.1M). MACs are counted with ``torch.utils.flop_counter`` on the inference form (convs, linears
-and attention matmuls; BN, activations, pooling and SE gating are not counted), matching the
-paper's 0.7 / 1.4 / 1.9 GFLOPs to their rounding. The train-time form counts more (extra branches:
-0.77 / 1.55 / 2.05 G).
+- Parameters match timm's counts of the train-time form (the form of timm's checkpoints) to
+  0.1%. The paper's counts are 0.40 / 0.71 / 0.65M (10 / 9 / 6%) below even the reparameterised
+  model, and no counting convention we tried reproduces all three: without the classifier
+  3.23 / 6.48 / 10.52M; with a plain C→1000 linear in place of the 2×-wide final conv (SE) and
+  classifier 3.53 / 6.85 / 10.89M (T12 and SA12 fit, T8 does not). We keep the architecture that
+  timm's weights need and show the paper's figures as the paper's.
+- MACs: ``torch.utils.flop_counter`` on the reparameterised model counts convs, linears and the
+  attention matmuls (not BN, activations, pooling, SE gating). The paper gives one decimal; ours
+  round to it (−2.1 / −0.6 / +2.0% against the rounded figure, inside its ±0.05 G rounding).
+  timm's model cards list 0.70 / 1.42 / 1.96 GMACs for the train-time form (its profiler counts
+  slightly more than ours).
+- Top-1 is the paper's (ImageNet-1k, 256, without distillation).
+
+Resolution: the stem and the three PatchEmbeds halve H and W with 'same' padding; attention (SA)
+and SE are global, RepCPE is a convolution, so any size works. The registry offers multiples of 32
+(all stage maps exact) from 64 up; H and W independently.
 """
 
 from __future__ import annotations

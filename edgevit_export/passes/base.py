@@ -147,12 +147,34 @@ def add_constant(gm: fx.GraphModule, before: fx.Node, value: torch.Tensor, hint:
     return node
 
 
-def constant_value(gm: fx.GraphModule, n) -> torch.Tensor | None:
-    if isinstance(n, fx.Node) and n.op == "get_attr":
+_PURE_LAYOUT = {aten.reshape.default, aten.view.default, aten.permute.default, aten.transpose.int,
+                aten.unsqueeze.default, aten.squeeze.dim, aten.flatten.using_ints, aten.t.default,
+                aten.contiguous.default, aten.clone.default, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor,
+                aten.sub.Tensor, aten.neg.default}
+
+
+def constant_value(gm: fx.GraphModule, n, depth: int = 0) -> torch.Tensor | None:
+    """The value of a node computed from weights alone (a get_attr, or a reshape/transpose/
+    arithmetic of get_attrs, as in ``weight.reshape(o, -1, 1, 1)``); None if it depends on input."""
+    if not isinstance(n, fx.Node):
+        return None
+    if n.op == "get_attr":
         obj = gm
         for part in str(n.target).split("."):
             obj = getattr(obj, part)
         return obj.detach() if isinstance(obj, torch.Tensor) else None
+    if n.op == "call_function" and n.target in _PURE_LAYOUT and depth < 4:
+        args = []
+        for a in n.args:
+            if isinstance(a, fx.Node):
+                v = constant_value(gm, a, depth + 1)
+                if v is None:
+                    return None
+                args.append(v)
+            else:
+                args.append(a)
+        with torch.no_grad():
+            return n.target(*args, **n.kwargs)
     return None
 
 

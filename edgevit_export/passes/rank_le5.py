@@ -18,6 +18,7 @@ shapes and permutations only, not by any one model's code:
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -71,7 +72,8 @@ class RankLe5(Pass):
         if not before:
             return 0
         for n in list(gm.graph.nodes):
-            if n.op == "call_function" and n.target not in LAYOUT_OPS and self._touches_high_rank(n):
+            if n.op == "call_function" and n.target not in LAYOUT_OPS and n.target is not operator.getitem \
+                    and self._touches_high_rank(n):
                 self._isolate(gm, n)
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -127,6 +129,18 @@ class RankLe5(Pass):
             merged = (math.prod(xs[:dim]), xs[dim], math.prod(xs[dim + 1:]))
             args = [_reshape(gm, n, x, merged), 1] + list(n.args[2:])
             self._replace(gm, n, args, out_shape)
+        elif n.target is aten.unbind.int:
+            dim = (n.args[1] if len(n.args) > 1 else 0) % len(xs)
+            merged = _reshape(gm, n, x, (math.prod(xs[:dim]), xs[dim], math.prod(xs[dim + 1:])))
+            with gm.graph.inserting_before(n):
+                new = gm.graph.call_function(aten.unbind.int, (merged, 1))
+            for g in list(n.users):
+                with gm.graph.inserting_before(g):
+                    piece = gm.graph.call_function(operator.getitem, (new, g.args[1]))
+                    back = gm.graph.call_function(aten.reshape.default, (piece, list(shape(g))))
+                g.replace_all_uses_with(back)
+                gm.graph.erase_node(g)
+            gm.graph.erase_node(n)
         elif n.target in _MATMUL:
             a, b = n.args[0], n.args[1]
             sa, sb = shape(a), shape(b)

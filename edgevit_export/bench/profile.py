@@ -1,0 +1,289 @@
+"""onnxruntime's profiler, aggregated per op type and per node: where the time goes, and how much
+of it is memory-bound (reshape, transpose, concat, split, slice, normalisation, softmax,
+elementwise) rather than compute-bound (conv, matmul, gemm) — the SHViT paper's argument, measured.
+
+Op types are onnxruntime's *after* its graph optimisations (what actually ran: fused convs,
+NCHWc layout reorders, fused GELU/LayerNorm …), so the split describes the executed program.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+import numpy as np
+
+from ..errors import EdgeExportError
+from .runner import (ModelSpec, Progress, ProgressFn, cached_export, default_cache_dir, make_input, onnx_input,
+                     parse_models, plan, _noop)
+
+COMPUTE = "compute-bound"
+MEMORY = "memory-bound"
+OTHER = "other"
+
+# op type → (class, group). Groups of memory-bound ops follow the SHViT paper's list.
+_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "conv / matmul / gemm": (COMPUTE, (
+        "Conv", "ConvTranspose", "FusedConv", "NhwcConv", "NhwcFusedConv", "QLinearConv", "ConvInteger",
+        "MatMul", "FusedMatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+        "MatMulNBits", "Gemm", "FusedGemm", "QGemm", "Einsum", "Attention", "MultiHeadAttention")),
+    "reshape / layout / copy": (MEMORY, (
+        "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather", "GatherElements", "GatherND", "Squeeze",
+        "Unsqueeze", "Flatten", "Expand", "Pad", "Tile", "Identity", "Cast", "ReorderInput", "ReorderOutput",
+        "DepthToSpace", "SpaceToDepth", "Shape", "Resize", "Upsample", "GridSample", "ScatterND", "ScatterElements",
+        "Range", "ConstantOfShape", "Trilu", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")),
+    "normalisation": (MEMORY, (
+        "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization", "GroupNormalization", "GroupNorm", "InstanceNormalization",
+        "BatchNormalization", "LpNormalization", "MeanVarianceNormalization")),
+    "softmax": (MEMORY, ("Softmax", "LogSoftmax")),
+    "elementwise / activation": (MEMORY, (
+        "Add", "Sub", "Mul", "Div", "Relu", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Sigmoid", "HardSigmoid",
+        "HardSwish", "Erf", "Sqrt", "Pow", "Exp", "Log", "Neg", "Abs", "Tanh", "Clip", "Max", "Min", "Where",
+        "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "LeakyRelu", "Elu",
+        "Softplus", "Mish", "Reciprocal", "Floor", "Ceil", "Round", "Sum", "Mean", "BiasAdd", "Sin", "Cos",
+        "PRelu", "Selu", "Celu", "Softsign", "ThresholdedRelu", "Sign", "Mod", "IsNaN", "Xor", "BitShift")),
+    "pooling / reduction": (MEMORY, (
+        "GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "LpPool", "ReduceMean", "ReduceSum",
+        "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+        "ReduceSumSquare", "ArgMax", "ArgMin", "TopK")),
+}
+OP_CLASS: dict[str, tuple[str, str]] = {op: (cls, g) for g, (cls, ops) in _GROUPS.items() for op in ops}
+GROUP_ORDER = list(_GROUPS) + ["other"]
+
+
+def classify(op_type: str) -> tuple[str, str]:
+    """(class, group) of an onnxruntime op type; unknown ops are 'other', never guessed."""
+    return OP_CLASS.get(op_type, (OTHER, "other"))
+
+
+@dataclass
+class OpStat:
+    op_type: str
+    cls: str
+    group: str
+    nodes: int          # nodes of this type executed per run
+    ms: float           # mean time per run
+    share: float        # of all kernel time
+
+
+@dataclass
+class NodeStat:
+    name: str
+    op_type: str
+    cls: str
+    ms: float
+    share: float
+    output_shape: list[int] | None = None
+    depthwise: bool = False
+
+
+@dataclass
+class Profile:
+    model: str
+    res: tuple[int, int]
+    passes: str
+    threads: int
+    runs: int
+    path: str
+    run_ms: float              # median wall time of one profiled run (profiling adds a little overhead)
+    kernel_ms: float           # sum of kernel times per run
+    compute_ms: float
+    memory_ms: float
+    other_ms: float
+    depthwise_ms: float        # compute-bound by op type, but of low arithmetic intensity
+    groups_ms: dict[str, float]
+    ops: list[OpStat]
+    nodes: list[NodeStat]      # all nodes, slowest first
+    node_count: int
+    notes: list[str] = field(default_factory=list)
+
+    def share(self, ms: float) -> float:
+        return ms / self.kernel_ms if self.kernel_ms else 0.0
+
+    @property
+    def compute_share(self) -> float:
+        return self.share(self.compute_ms)
+
+    @property
+    def memory_share(self) -> float:
+        return self.share(self.memory_ms)
+
+    def as_dict(self, top: int | None = None) -> dict:
+        d = asdict(self)
+        d["res"] = list(self.res)
+        d["compute_share"], d["memory_share"] = self.compute_share, self.memory_share
+        if top is not None:
+            d["nodes"] = d["nodes"][:top]
+        return d
+
+
+def _session(path: Path, threads: int, prefix: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = prefix
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgeExportError(f"onnxruntime cannot load {path}: {first[:300]}") from None
+
+
+def _depthwise(args: dict) -> bool:
+    """A conv whose weight is C×1×k×k with as many output channels as input channels."""
+    try:
+        shapes = [next(iter(s.values())) for s in args.get("input_type_shape", [])]
+        x, w = shapes[0], shapes[1]
+        return len(w) == 4 and w[1] == 1 and w[0] == x[1] and x[1] > 1
+    except (StopIteration, IndexError, TypeError, AttributeError, KeyError):
+        return False
+
+
+def aggregate(events: list[dict], runs: int) -> tuple[list[OpStat], list[NodeStat], float, list[float]]:
+    """Node events of the last ``runs`` runs → per-op-type and per-node means per run.
+    Returns (ops, nodes, kernel ms per run, wall ms of each run)."""
+    run_events = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                        key=lambda e: e["ts"])
+    windows = [(e["ts"], e["ts"] + e["dur"]) for e in run_events[-runs:]]
+    if not windows:
+        raise EdgeExportError("onnxruntime's profile holds no runs; try more --runs")
+    lo = windows[0][0]
+
+    def inside(ts: int) -> bool:
+        return ts >= lo and any(a <= ts <= b for a, b in windows)
+
+    per_node: dict[str, dict] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or not inside(e["ts"]):
+            continue
+        args = e.get("args", {})
+        name = e["name"][: -len("_kernel_time")]
+        d = per_node.setdefault(name, {"op": args.get("op_name", "?"), "us": 0, "n": 0, "shape": None,
+                                       "dw": False})
+        d["us"] += e["dur"]
+        d["n"] += 1
+        if d["shape"] is None:
+            try:
+                d["shape"] = next(iter(args["output_type_shape"][0].values()))
+            except (KeyError, IndexError, StopIteration, AttributeError):
+                pass
+            d["dw"] = d["op"] in ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv") and _depthwise(args)
+    n_runs = len(windows)
+    total_ms = sum(d["us"] for d in per_node.values()) / 1e3 / n_runs
+    nodes = []
+    ops: dict[str, list] = {}
+    for name, d in per_node.items():
+        ms = d["us"] / 1e3 / n_runs
+        cls, group = classify(d["op"])
+        nodes.append(NodeStat(name, d["op"], cls, ms, ms / total_ms if total_ms else 0.0, d["shape"], d["dw"]))
+        o = ops.setdefault(d["op"], [cls, group, 0, 0.0])
+        o[2] += 1
+        o[3] += ms
+    nodes.sort(key=lambda n: -n.ms)
+    op_stats = sorted((OpStat(op, cls, g, n, ms, ms / total_ms if total_ms else 0.0)
+                       for op, (cls, g, n, ms) in ops.items()), key=lambda o: -o.ms)
+    return op_stats, nodes, total_ms, [(b - a) / 1e3 for a, b in windows]
+
+
+def profile_onnx(path: Path, *, model: str | None = None, res: tuple[int, int] | None = None, passes: str = "",
+                 threads: int = 2, runs: int = 50, warmup: int = 5, item: str = "",
+                 progress: ProgressFn | None = None) -> Profile:
+    """Profile one ONNX file: ``warmup`` runs, then ``runs`` profiled runs that are aggregated."""
+    report = progress or _noop
+    if runs < 1:
+        raise EdgeExportError(f"--runs must be at least 1, got {runs}")
+    inp = onnx_input(Path(path))
+    x = make_input(inp, inp.shape[0] or 1, res)
+    with tempfile.TemporaryDirectory(prefix="edgevit-profile-") as tmp:
+        sess = _session(Path(path), threads, os.path.join(tmp, "ort"))
+        total = warmup + runs
+        last = 0.0
+        for i in range(total):
+            sess.run(None, {inp.name: x})
+            if time.perf_counter() - last > 0.1 or i + 1 == total:
+                last = time.perf_counter()
+                report(Progress(item, "warmup" if i < warmup else "time", i + 1, total))
+        prof = sess.end_profiling()
+        with open(prof, encoding="utf-8") as f:
+            events = json.load(f)
+    ops, nodes, kernel_ms, walls = aggregate(events, runs)
+    by = {"compute": 0.0, "memory": 0.0, "other": 0.0}
+    groups = {g: 0.0 for g in GROUP_ORDER}
+    for o in ops:
+        by["compute" if o.cls == COMPUTE else "memory" if o.cls == MEMORY else "other"] += o.ms
+        groups[o.group] += o.ms
+    dw = sum(n.ms for n in nodes if n.depthwise)
+    notes = []
+    unknown = sorted({o.op_type for o in ops if o.cls == OTHER})
+    if unknown:
+        notes.append(f"not classified (counted as other): {', '.join(unknown)}")
+    h, w = inp.shape[2] or (res or (0, 0))[0], inp.shape[3] or (res or (0, 0))[1]
+    return Profile(model=model or Path(path).stem, res=(h, w), passes=passes, threads=threads, runs=len(walls),
+                   path=str(path), run_ms=float(np.median(walls)), kernel_ms=kernel_ms, compute_ms=by["compute"],
+                   memory_ms=by["memory"], other_ms=by["other"], depthwise_ms=dw,
+                   groups_ms={g: v for g, v in groups.items() if v > 0}, ops=ops, nodes=nodes,
+                   node_count=len(nodes), notes=notes)
+
+
+def parse_passes_variants(passes: str, compare: bool) -> list[str]:
+    """``--passes none,default`` (only none/default items) or ``--compare`` → several variants;
+    any other value is one pass spec (e.g. ``fold_batchnorm,static_shapes``)."""
+    items = [s.strip() for s in passes.split(",") if s.strip()]
+    if len(items) > 1 and all(s in ("none", "default") for s in items):
+        variants = list(dict.fromkeys(items))
+    else:
+        variants = [passes]
+    if compare and "none" not in variants:
+        variants = ["none"] + variants
+    return variants
+
+
+def run_profile(model: str, res: str | int | None = None, *, passes: str = "default", compare: bool = False,
+                threads: int = 2, runs: int = 50, warmup: int = 5, cache_dir: str | Path | None = None,
+                progress: ProgressFn | None = None) -> list[Profile]:
+    """Profile a model name (exported through the bench cache, per passes variant) or a file."""
+    from ..exporters.artifacts import prepare_out_dir
+    from ..passes import resolve_passes
+
+    report = progress or _noop
+    if runs < 1:
+        raise EdgeExportError(f"--runs must be at least 1, got {runs}")
+    if threads < 1:
+        raise EdgeExportError(f"--threads must be at least 1, got {threads}")
+    specs = parse_models(model)
+    if len(specs) != 1:
+        raise EdgeExportError("profile takes one model (a name or an .onnx file)")
+    spec: ModelSpec = specs[0]
+    variants = parse_passes_variants(passes, compare)
+    for v in variants:
+        resolve_passes(v, "onnx")
+    p = plan([spec], [None if res is None else str(res)], 1, "ort")[0]
+    if spec.is_file:
+        if len(variants) > 1:
+            raise EdgeExportError("--compare / several --passes need a model name, not an .onnx file "
+                                  "(the passes are applied at export)")
+        return [profile_onnx(spec.path, model=spec.name, res=p.hw, passes="(file)", threads=threads, runs=runs,
+                             warmup=warmup, item=p.item, progress=report)]
+    cdir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    prepare_out_dir(cdir)
+    out = []
+    for v in variants:
+        item = f"{p.item} passes={v}"
+        report(Progress(item, "export", message="checking the export cache"))
+        path, _manifest, _cached = cached_export(spec.name, p.hw, batch=1, passes=v, cache_dir=cdir,
+                                                 progress=lambda s, item=item: report(Progress(item, "export",
+                                                                                               message=s)))
+        out.append(profile_onnx(path, model=spec.name, res=p.hw, passes=v, threads=threads, runs=runs,
+                                warmup=warmup, item=item, progress=report))
+    return out
+

@@ -1,0 +1,185 @@
+"""Bench results as rows (for tables), JSON, CSV and a PNG plot — every file written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import OutputError
+from .runner import SPREAD, BenchResult, Timing
+
+CSV_FIELDS = ["model", "res", "batch", "runtime", "protocol", "threads", "headline_ms", "median_ms", "mean_ms",
+              "p10_ms", "p90_ms", "spread_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "runs", "rounds",
+              "warmup_runs", "macs_per_image", "macs", "gflops", "images_per_s", "source", "path", "cached",
+              "stopped_early", "cpu", "onnxruntime", "torch", "date"]
+
+
+def check_output(path: str | Path | None, suffix: str, option: str) -> Path | None:
+    """Validate an output file path before any work: right suffix, not a directory, parent writable."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.suffix.lower() != suffix:
+        raise OutputError(f"{option} {p}: the file name must end in {suffix}")
+    if p.is_dir():
+        raise OutputError(f"{option} {p} is a directory; pass a file name ending in {suffix}")
+    parent = p.parent
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise OutputError(f"{option} {p}: cannot write in {parent}; pass a writable location")
+    return p
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror}; pass a writable location") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def fmt_res(res) -> str:
+    h, w = res
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def rows(result: BenchResult) -> list[dict]:
+    """One flat dict per model × resolution (CSV columns; the CLI table reads the same rows)."""
+    out = []
+    env = result.env
+    for t in result.timings:
+        d = t.as_dict(samples=False)
+        d.update(res=fmt_res(t.res), protocol=result.protocol.name, cpu=env.cpu, onnxruntime=env.onnxruntime,
+                 torch=env.torch, date=env.date)
+        out.append({k: d.get(k) for k in CSV_FIELDS})
+    return out
+
+
+def to_json(result: BenchResult, samples: bool = True) -> str:
+    return json.dumps(result.as_dict(samples), indent=2) + "\n"
+
+
+def write_json(result: BenchResult, path: str | Path, samples: bool = True) -> Path:
+    return write_atomic(Path(path), to_json(result, samples).encode())
+
+
+def to_csv(result: BenchResult) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows(result):
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def write_csv(result: BenchResult, path: str | Path) -> Path:
+    return write_atomic(Path(path), to_csv(result).encode())
+
+
+def headline_label(result: BenchResult) -> str:
+    p = result.protocol
+    return "mean of trimmed round means" if p.rounds > 1 else "median"
+
+
+def markdown_table(result: BenchResult) -> str:
+    """The bench table as GitHub markdown (for READMEs and benchmarks/results)."""
+    p = result.protocol
+    head = ["model", "res", "batch", f"{headline_label(result)} ms", f"spread ({SPREAD}) ms", "runs", "GMACs/img",
+            "GFLOP/s"]
+    if p.headline == "img/s":
+        head.append("img/s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for t in result.timings:
+        cells = [t.model, fmt_res(t.res), str(t.batch), f"{t.headline_ms:,.2f}", f"{t.spread_ms:,.2f}",
+                 f"{t.runs:,}", "—" if t.macs is None else f"{t.macs_per_image / 1e9:.2f}",
+                 "—" if t.gflops is None else f"{t.gflops:.1f}"]
+        if p.headline == "img/s":
+            cells.append(f"{t.images_per_s:,.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(result: BenchResult) -> bytes:
+    """Latency against resolution per model (log-log, p10–p90 band), and achieved GFLOP/s."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.patheffects as pe
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    by_model: dict[str, list[Timing]] = {}
+    for t in result.timings:
+        by_model.setdefault(t.model, []).append(t)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [3, 2]})
+    cmap = plt.get_cmap("tab10")
+    all_res = sorted({t.res[0] * t.res[1] for t in result.timings})
+    for i, (name, ts) in enumerate(sorted(by_model.items())):
+        ts = sorted(ts, key=lambda t: t.res[0] * t.res[1])
+        x = [(t.res[0] * t.res[1]) ** 0.5 for t in ts]
+        y = [t.headline_ms for t in ts]
+        c = cmap(i % 10)
+        ax.plot(x, y, "o-", color=c, label=name, lw=2, ms=6)
+        ax.fill_between(x, [t.p10_ms for t in ts], [t.p90_ms for t in ts], color=c, alpha=0.15, lw=0)
+        for xi, yi in zip(x, y):
+            ax.annotate(f"{yi:,.1f}" if yi >= 10 else f"{yi:.2f}", (xi, yi), textcoords="offset points",
+                        xytext=(6, 5), fontsize=8, color=c,
+                        path_effects=[pe.withStroke(linewidth=2.5, foreground="white")])
+        g = [t.gflops for t in ts]
+        if any(v is not None for v in g):
+            ax2.plot([xi for xi, v in zip(x, g) if v is not None], [v for v in g if v is not None], "o-",
+                     color=c, label=name, lw=2, ms=6)
+    ticks = sorted({round(v ** 0.5) for v in all_res})
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xticks(ticks)
+        a.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+        a.xaxis.set_minor_formatter(NullFormatter())
+        a.grid(True, which="major", alpha=0.35)
+        a.grid(True, which="minor", alpha=0.1)
+        a.set_xlabel("input resolution, px (√(H·W) for non-square inputs)")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.08, y=0.12)
+    ax2.margins(x=0.08)
+    stat = headline_label(result)
+    ax.set_ylabel(f"ms per batch of {result.protocol.batch} ({stat}; band p10–p90)")
+    ax.set_title("latency vs resolution")
+    ax.legend(loc="upper left", fontsize=9, frameon=True)
+    ax2.set_ylabel("achieved GFLOP/s (2 × MACs / time)")
+    ax2.set_title("achieved throughput")
+    ax2.set_ylim(bottom=0)
+    env = result.env
+    rt = "onnxruntime " + str(env.onnxruntime) if result.runtime == "ort" else "PyTorch " + str(env.torch)
+    fig.suptitle(f"edgevit-export bench · protocol {result.protocol.name} · {rt} · {result.threads} thread(s)\n"
+                 f"{env.cpu} · {env.date[:10]}", fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_plot(result: BenchResult, path: str | Path) -> Path:
+    return write_atomic(Path(path), plot_png(result))

@@ -1,0 +1,117 @@
+"""`edgevit-export export … --format onnx`: artifact, manifest, parity, and every bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgevit_export import api, create_model
+
+
+@pytest.fixture(scope="module")
+def s1_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    return api.export("shvit_s1", format="onnx", res=64, out=out), out
+
+
+def test_export_writes_artifact_and_manifest(s1_export):
+    r, out = s1_export
+    assert r.artifact == out / "shvit_s1-64.onnx" and r.artifact.is_file()
+    m = json.loads((out / "shvit_s1-64.json").read_text())
+    assert m["model"] == "shvit_s1" and m["resolution"] == [64, 64] and m["random_init"] is True
+    assert m["checks"]["parity"]["passed"] and m["checks"]["parity"]["max_rel"] <= 1e-4
+    assert [p["name"] for p in m["passes"]] == ["static_shapes", "fold_batchnorm", "rank_le5", "cancel_reshapes"]
+    assert m["io"]["inputs"][0]["name"] == "images" and m["io"]["inputs"][0]["shape"] == [1, 3, 64, 64]
+    assert len(m["sha256"]) == 64 and m["tools"]["torch"].startswith("2.")
+    assert not list(out.glob(".edgevit-tmp-*"))
+
+
+def test_onnx_matches_pytorch_on_fresh_input(s1_export):
+    """Independent of the built-in check: run the file in onnxruntime against the same model."""
+    from edgevit_export.exporters.onnx import ort_session
+    from edgevit_export.weights import randomize_norm_stats
+
+    r, _ = s1_export
+    model = create_model("shvit_s1")
+    randomize_norm_stats(model, 0)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(99))
+    y = ort_session(r.artifact).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_passes_reduce_reshapes_and_bn(s1_export):
+    r, _ = s1_export
+    before, after = r.pipeline.before, r.pipeline.after
+    assert after.reshape < before.reshape
+    assert after.by_op.get("batch_norm", 0) == 0 < before.by_op["batch_norm"]
+
+
+def test_cli_export_and_existing_file_needs_force(cli, tmp_path):
+    res = cli("export", "shvit_s1", "--res", "64", "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "randomly initialised" in res.output and "PASS parity" in res.output
+    again = cli("export", "shvit_s1", "--res", "64", "--out", tmp_path)
+    assert again.exit_code == 2 and "--force" in again.output
+    assert cli("export", "shvit_s1", "--res", "64", "--out", tmp_path, "--force", "--no-check").exit_code == 0
+
+
+def test_failed_parity_exits_1_and_keeps_artifact(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "ONNX_TOLERANCE", 0.0)
+    res = cli("export", "shvit_s1", "--res", "64", "--out", tmp_path)
+    assert res.exit_code == 1, res.output
+    assert "parity" in res.output and (tmp_path / "shvit_s1-64.onnx").exists()
+
+
+def _no_files(d):
+    return not d.exists() or not any(d.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["shvit_s9"], "Did you mean"),
+    (["shvit_s1", "--res", "0"], "positive"),
+    (["shvit_s1", "--res", "100"], "multiples of 16"),
+    (["shvit_s1", "--res", "big"], "not a number"),
+    (["shvit_s1", "--format", "tflite"], "unknown format"),
+    (["shvit_s1", "--passes", "fold_everything"], "unknown pass"),
+    (["shvit_s1", "--weights", "missing.pth"], "not found"),
+])
+def test_bad_input_one_line_exit_2(cli, tmp_path, args, message):
+    out = tmp_path / "out"
+    res = cli("export", *args, "--out", out)
+    assert res.exit_code == 2, res.output
+    err = res.output.strip().splitlines()[-1]
+    assert err.startswith("error:") and message in res.output
+    assert "Traceback" not in res.output
+    assert _no_files(out)
+
+
+def test_bad_weights_exit_2(cli, tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    res = cli("export", "shvit_s1", "--res", "64", "--weights", junk, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "not a readable PyTorch checkpoint" in res.output
+    other = tmp_path / "s2.pth"
+    torch.save({"model": create_model("shvit_s2").state_dict()}, other)
+    res = cli("export", "shvit_s1", "--res", "64", "--weights", other, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "does not fit shvit_s1" in res.output and "wrong shape" in res.output
+    assert _no_files(tmp_path / "o")
+
+
+def test_unwritable_out_exit_2(cli, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    res = cli("export", "shvit_s1", "--res", "64", "--out", f)
+    assert res.exit_code == 2 and "not a directory" in res.output
+
+
+def test_list_and_info(cli):
+    res = cli("list")
+    assert res.exit_code == 0
+    for name in ("shvit_s1", "shvit_s4", "litv2_s", "edgevit_xxs"):
+        assert name in res.output
+    res = cli("info", "shvit_s4", "--res", "1024")
+    assert res.exit_code == 0 and "224×64×64" in res.output.replace("1×", "", 1) or "64×64" in res.output
+    assert cli("info", "nope").exit_code == 2
