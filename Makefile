@@ -21,7 +21,7 @@ venv: $(STAMP)
 
 # The main job: the headline export on the built-in default.
 run: $(STAMP)
-	$(BIN)/edgevit-export export shvit_s4 --format onnx --res 1024 --force
+	$(BIN)/edgevit-export export shvit_s4 --format coreml --res 1024 --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .errors import EdgeExportError
-from .measure import count_macs, count_params
+from .measure import count_macs, count_params, skeleton
 from .passes import PassContext, resolve_passes, run_passes
 from .passes.pipeline import PipelineResult
 from .registry import ModelInfo, create_model, get_model_info, parse_resolution
@@ -143,6 +143,8 @@ def export(
     ctx = PassContext((example,), mean=info.mean, std=info.std)
     pipe = run_passes(ep, pass_names, ctx, progress=lambda n: step(f"pass {n}"))
     timings["passes"] = time.perf_counter() - t
+    if format == "coreml" and pipe.after.max_rank > 5:
+        _refuse_high_rank(pipe, pass_names)
 
     checks: dict[str, dict] = {}
     with artifacts.staging(out_dir) as tmp:
@@ -208,6 +210,25 @@ def export(
                         parity=checks.get("parity"), checks=checks, random_init=random_init, seconds=timings)
 
 
+def _refuse_high_rank(pipe: PipelineResult, pass_names: list[str]) -> None:
+    """Core ML rejects rank > 5; say which tensor and which pass fixes it, before coremltools does."""
+    from .passes.base import annotate, shape
+    from .passes.rank_le5 import high_rank_nodes, source_of
+
+    gm = pipe.program.module()
+    annotate(gm, (pipe.example_input,))
+    nodes = high_rank_nodes(gm)
+    first = nodes[0] if nodes else None
+    where = f"rank-{len(shape(first))} tensor {shape(first)} at {source_of(first)}" if first else "a rank > 5 tensor"
+    refused = next((p.refused for p in pipe.passes if p.name == "rank_le5" and p.refused), None)
+    if refused:
+        raise EdgeExportError(f"Core ML supports tensors of rank ≤ 5, but the graph has {where} "
+                              f"({len(nodes)} in all) and the rank_le5 pass could not rewrite it: {refused}")
+    raise EdgeExportError(f"Core ML supports tensors of rank ≤ 5, but the graph has {where} ({len(nodes)} in all); "
+                          f"the rank_le5 pass rewrites these: use --passes default or add rank_le5 "
+                          f"(now: {','.join(pass_names) or 'none'})")
+
+
 class WithSoftmax(torch.nn.Module):
     """The model followed by softmax over classes (Core ML classifiers report probabilities)."""
 
@@ -258,7 +279,7 @@ class ModelSummary:
 def summarize(name: str, res=None) -> ModelSummary:
     info = get_model_info(name)
     hw = parse_resolution(res, info)
-    model = create_model(name)
+    model = skeleton(info.builder)
     return ModelSummary(name, info.family, info.paper, info.default_res, count_params(model),
                         count_macs(model, hw), info.paper_params_m, info.paper_macs_m, info.paper_top1)
 
@@ -276,7 +297,7 @@ def info(name: str, res=None) -> ModelReport:
 
     meta = get_model_info(name)
     hw = parse_resolution(res, meta)
-    model = create_model(name)
+    model = skeleton(meta.builder)
     s = ModelSummary(name, meta.family, meta.paper, meta.default_res, count_params(model), count_macs(model, hw),
                      meta.paper_params_m, meta.paper_macs_m, meta.paper_top1)
     return ModelReport(s, hw, stage_shapes(model, hw), meta)

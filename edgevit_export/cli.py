@@ -79,7 +79,8 @@ def list_cmd(
         console.print_json(json.dumps([r.__dict__ for r in rows]))
         return
     t = Table(title="edgevit-export models (params and MACs measured here; top-1 is the paper's)")
-    for col, just in (("model", "left"), ("family", "left"), ("params (M)", "right"), ("MMACs", "right"),
+    t.add_column("model", no_wrap=True)
+    for col, just in (("family", "left"), ("params (M)", "right"), ("MMACs", "right"),
                       ("res", "right"), ("paper params (M)", "right"), ("paper MMACs", "right"),
                       ("paper top-1", "right")):
         t.add_column(col, justify=just)

@@ -9,6 +9,21 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def skeleton(builder, **kwargs) -> nn.Module:
+    """The model built on the meta device (no memory, no init cost) for counting params, MACs and
+    shapes; built normally where a model computes tensors in its constructor."""
+    try:
+        with torch.device("meta"):
+            return builder(**kwargs).eval()
+    except (NotImplementedError, RuntimeError):
+        return builder(**kwargs).eval()
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -17,7 +32,7 @@ def count_params(model: nn.Module) -> int:
 def count_macs(model: nn.Module, res: tuple[int, int], batch: int = 1) -> int:
     """Multiply-accumulates of one forward pass (FlopCounterMode counts 2 FLOPs per MAC)."""
     model.eval()
-    x = torch.zeros(batch, 3, *res)
+    x = torch.zeros(batch, 3, *res, device=_device(model))
     with FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() // 2
@@ -51,7 +66,7 @@ def stage_shapes(model: nn.Module, res: tuple[int, int]) -> list[StageShape]:
 
         hooks.append(mod.register_forward_hook(hook))
     try:
-        model(torch.zeros(1, 3, *res))
+        model(torch.zeros(1, 3, *res, device=_device(model)))
     finally:
         for h in hooks:
             h.remove()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ["COLUMNS"] = "200"  # rich renders tables at full width under CliRunner
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 torch.set_num_threads(2)

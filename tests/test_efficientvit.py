@@ -84,7 +84,8 @@ TIMM_KEYS = {
 }
 KEY_RE = re.compile(
     r"^(patch_embed\.conv[1-4]\.(conv|bn)\.\w+|head\.(bn|linear)\.\w+"
-    r"|stages\.\d\.downsample\.(res[12]\.[01]\.m\.(conv|bn|pw[12]\.conv|pw[12]\.bn)|patchmerge\.(conv[123]\.(conv|bn)|se\.fc[12]))\.\w+"
+    r"|stages\.\d\.downsample\.(res[12]\.[01]\.m\.(conv|bn|pw[12]\.conv|pw[12]\.bn)"
+    r"|patchmerge\.(conv[123]\.(conv|bn)|se\.fc[12]))\.\w+"
     r"|stages\.\d\.blocks\.\d+\.(dw[01]\.m\.(conv|bn)|ffn[01]\.m\.pw[12]\.(conv|bn)"
     r"|mixer\.m\.attn\.((qkvs|dws)\.\d\.(conv|bn)|proj\.1\.(conv|bn)))\.\w+"
     r"|stages\.\d\.blocks\.\d+\.mixer\.m\.attn\.attention_biases)$"
@@ -171,7 +172,8 @@ def test_state_dict_layout_is_timms(name):
     dims, depth, heads, _ = TIMM_CFG[name]
     for i, (n, nh) in enumerate(zip(depth, heads)):
         assert sum(k.endswith("attention_biases") and k.startswith(f"stages.{i}.") for k in sd) == n
-        assert sum(bool(re.match(rf"stages\.{i}\.blocks\.0\.mixer\.m\.attn\.qkvs\.\d\.conv\.weight", k)) for k in sd) == nh
+        qkv = re.compile(rf"stages\.{i}\.blocks\.0\.mixer\.m\.attn\.qkvs\.\d\.conv\.weight")
+        assert sum(bool(qkv.match(k)) for k in sd) == nh
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +303,8 @@ def test_export_at_512_is_static_rank5_and_onnx_matches(m0_live, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,res", [(n, 224) for n in VARIANTS] + [("efficientvit_m0", 512), ("efficientvit_m5", 1024)])
+@pytest.mark.parametrize("name,res", [(n, 224) for n in VARIANTS] + [("efficientvit_m0", 512),
+                                                                     ("efficientvit_m5", 1024)])
 def test_onnx_and_coreml(name, res, tmp_path):
     ct = pytest.importorskip("coremltools")
     ep = _export_and_check_onnx(_live(create_model(name)), res, tmp_path)

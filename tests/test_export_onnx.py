@@ -113,5 +113,5 @@ def test_list_and_info(cli):
     for name in ("shvit_s1", "shvit_s4", "litv2_s", "edgevit_xxs"):
         assert name in res.output
     res = cli("info", "shvit_s4", "--res", "1024")
-    assert res.exit_code == 0 and "224×64×64" in res.output.replace("1×", "", 1) or "64×64" in res.output
+    assert res.exit_code == 0 and "1×224×64×64" in res.output and "1×448×16×16" in res.output
     assert cli("info", "nope").exit_code == 2

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich import box
 from rich.table import Table
 
 
@@ -110,10 +111,10 @@ def render_profiles(console, profiles, top: int) -> None:
     first = profiles[0]
     head = f"{first.model} at {first.res[0]}×{first.res[1]} · {first.threads} thread(s) · {first.runs} profiled runs"
     console.print(f"[bold]profile[/] {head} · onnxruntime op types after its graph optimisations", highlight=False)
-    labels = [f"passes={p.passes}" for p in profiles]
+    labels = [f"passes {p.passes}" for p in profiles]
 
     split = Table(title="memory-bound vs compute-bound (share of kernel time)")
-    split.add_column("")
+    split.add_column("", no_wrap=True)
     for lab in labels:
         split.add_column(lab, justify="right")
     split.add_row("run time (profiled, median)", *(f"{_ms(p.run_ms)} ms" for p in profiles))
@@ -128,24 +129,27 @@ def render_profiles(console, profiles, top: int) -> None:
     if any(p.other_ms for p in profiles):
         split.add_row("other (unclassified)", *(_share(p.share(p.other_ms)) for p in profiles))
     console.print(split)
+    console.print("[dim]kernel time: per node, the median over the profiled runs, summed (robust to a busy "
+                  "machine); run time: wall time of a whole profiled run, waiting included[/]", highlight=False)
 
-    ops = Table(title="per op type (mean per run)")
-    ops.add_column("op type")
-    ops.add_column("class")
-    for lab in labels:
-        ops.add_column(f"nodes\n{lab}", justify="right")
-        ops.add_column(f"ms\n{lab}", justify="right")
-        ops.add_column(f"share\n{lab}", justify="right")
+    ops = Table(title="per op type (per run: sum over its nodes of each node's median)", box=box.SIMPLE_HEAD,
+                caption="class: C compute-bound, M memory-bound, ? unclassified")
+    ops.add_column("op type", no_wrap=True)
+    ops.add_column("class", justify="center")
+    multi = len(profiles) > 1
+    ops.add_column("nodes" + (f"\n{' → '.join(p.passes for p in profiles)}" if multi else ""), justify="right")
+    for what in ("ms", "share"):
+        for p in profiles:
+            ops.add_column(what + (f"\n{p.passes}" if multi else ""), justify="right")
     by = [{o.op_type: o for o in p.ops} for p in profiles]
     order = sorted({k for d in by for k in d}, key=lambda k: -max(d[k].ms if k in d else 0 for d in by))
     for k in order:
         o = next(d[k] for d in by if k in d)
-        row = [k, o.cls.replace("-bound", "")]
-        for d in by:
-            if k in d:
-                row += [str(d[k].nodes), _ms(d[k].ms), _share(d[k].share)]
-            else:
-                row += ["—", "—", "—"]
+        counts = [str(d[k].nodes) if k in d else "0" for d in by]
+        row = [k, {COMPUTE: "C", MEMORY: "M"}.get(o.cls, "?"),
+               counts[0] if len(set(counts)) == 1 else " → ".join(counts)]
+        row += [_ms(d[k].ms) if k in d else "—" for d in by]
+        row += [_share(d[k].share) if k in d else "—" for d in by]
         ops.add_row(*row)
     console.print(ops)
 

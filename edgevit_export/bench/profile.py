@@ -66,7 +66,7 @@ class OpStat:
     cls: str
     group: str
     nodes: int          # nodes of this type executed per run
-    ms: float           # mean time per run
+    ms: float           # per run: sum over its nodes of each node's median
     share: float        # of all kernel time
 
 
@@ -90,7 +90,7 @@ class Profile:
     runs: int
     path: str
     run_ms: float              # median wall time of one profiled run (profiling adds a little overhead)
-    kernel_ms: float           # sum of kernel times per run
+    kernel_ms: float           # per run: sum over nodes of each node's median kernel time
     compute_ms: float
     memory_ms: float
     other_ms: float
@@ -150,8 +150,8 @@ def _depthwise(args: dict) -> bool:
 
 
 def aggregate(events: list[dict], runs: int) -> tuple[list[OpStat], list[NodeStat], float, list[float]]:
-    """Node events of the last ``runs`` runs → per-op-type and per-node means per run.
-    Returns (ops, nodes, kernel ms per run, wall ms of each run)."""
+    """Node events of the last ``runs`` runs → per node, the median time per run over those runs;
+    per op type, the sum over its nodes. Returns (ops, nodes, kernel ms per run, wall ms of each run)."""
     run_events = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                         key=lambda e: e["ts"])
     windows = [(e["ts"], e["ts"] + e["dur"]) for e in run_events[-runs:]]
@@ -159,31 +159,38 @@ def aggregate(events: list[dict], runs: int) -> tuple[list[OpStat], list[NodeSta
         raise EdgeExportError("onnxruntime's profile holds no runs; try more --runs")
     lo = windows[0][0]
 
-    def inside(ts: int) -> bool:
-        return ts >= lo and any(a <= ts <= b for a, b in windows)
+    def run_of(ts: int) -> int:
+        for i, (a, b) in enumerate(windows):
+            if a <= ts <= b:
+                return i
+        return -1
 
     per_node: dict[str, dict] = {}
     for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or not inside(e["ts"]):
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < lo:
+            continue
+        r = run_of(e["ts"])
+        if r < 0:
             continue
         args = e.get("args", {})
         name = e["name"][: -len("_kernel_time")]
-        d = per_node.setdefault(name, {"op": args.get("op_name", "?"), "us": 0, "n": 0, "shape": None,
+        d = per_node.setdefault(name, {"op": args.get("op_name", "?"), "us": [0] * len(windows), "shape": None,
                                        "dw": False})
-        d["us"] += e["dur"]
-        d["n"] += 1
+        d["us"][r] += e["dur"]
         if d["shape"] is None:
             try:
                 d["shape"] = next(iter(args["output_type_shape"][0].values()))
             except (KeyError, IndexError, StopIteration, AttributeError):
                 pass
             d["dw"] = d["op"] in ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv") and _depthwise(args)
-    n_runs = len(windows)
-    total_ms = sum(d["us"] for d in per_node.values()) / 1e3 / n_runs
+    # Per node, the median over runs: a kernel pre-empted by another process in one run does not
+    # inflate its op type (shared machines are noisy).
+    node_ms = {name: float(np.median(d["us"])) / 1e3 for name, d in per_node.items()}
+    total_ms = sum(node_ms.values())
     nodes = []
     ops: dict[str, list] = {}
     for name, d in per_node.items():
-        ms = d["us"] / 1e3 / n_runs
+        ms = node_ms[name]
         cls, group = classify(d["op"])
         nodes.append(NodeStat(name, d["op"], cls, ms, ms / total_ms if total_ms else 0.0, d["shape"], d["dw"]))
         o = ops.setdefault(d["op"], [cls, group, 0, 0.0])

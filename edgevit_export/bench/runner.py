@@ -501,6 +501,7 @@ class _Plan:
     spec: ModelSpec
     hw: tuple[int, int]
     item: str
+    notes: list[str] = field(default_factory=list)
 
 
 def plan(models: list[ModelSpec], res: list[str | None], batch: int, runtime: str) -> list[_Plan]:
@@ -519,8 +520,11 @@ def plan(models: list[ModelSpec], res: list[str | None], batch: int, runtime: st
             if n is not None and n != batch:
                 raise EdgeExportError(f"{m.path} was exported with batch {n} but the protocol runs batch {batch}; "
                                       f"export it with --batch {batch} or pass the model name")
+            notes = []
             if h is not None and w is not None:
                 hws = [(h, w)]  # a static file has one resolution, whatever --res says
+                if any(r is not None for r in res):
+                    notes.append(f"static file: timed at its own {res_tag((h, w))}, --res does not apply")
             else:
                 hws = []
                 for r in res:
@@ -530,7 +534,7 @@ def plan(models: list[ModelSpec], res: list[str | None], batch: int, runtime: st
                     if len(parts) not in (1, 2):
                         raise EdgeExportError(f"resolution '{r}': use N or HxW, e.g. 1024 or 768x1024")
                     hws.append((parts[0], parts[-1]))
-            out += [_Plan(m, hw, f"{m.path.name}@{res_tag(hw)}") for hw in hws]
+            out += [_Plan(m, hw, f"{m.path.name}@{res_tag(hw)}", notes) for hw in hws]
         else:
             info = get_model_info(m.name)
             for r in res:
@@ -589,7 +593,7 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
         if runtime == "torch":
             timings.append(_bench_torch(p, proto, common, runs, max_seconds, report))
             continue
-        notes: list[str] = []
+        notes: list[str] = list(p.notes)
         cached = False
         manifest: dict | None = None
         if p.spec.is_file:

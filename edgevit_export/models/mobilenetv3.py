@@ -220,8 +220,8 @@ def infer_kwargs(sd: dict) -> dict:
 _META = dict(
     family="MobileNetV3", paper="MobileNetV3 (Howard et al., ICCV 2019)", default_res=224,
     res_multiple=32, min_res=32, convert_state_dict=convert_state_dict, infer_kwargs=infer_kwargs,
-    weights_note="timm checkpoints (mobilenetv3_*_100) load as is; timm's tf_mobilenetv3_* use TF "
-    "'same' padding and BN eps 1e-3 and are a different model.",
+    weights_note="timm checkpoints (mobilenetv3_*_100) load as is; timm's miil_in21k weights expect "
+    "mean 0 / std 1 inputs; timm's tf_mobilenetv3_* use TF 'same' padding and BN eps 1e-3 (not this model).",
 )
 
 
