@@ -85,7 +85,7 @@ def official_state_dict(name: str, num_classes: int = 1000) -> dict[str, torch.T
 
 
 def test_registered_with_paper_figures():
-    assert set(VARIANTS) <= set(list_models("edgevit"))
+    assert set(VARIANTS) <= set(list_models("EdgeViT"))
     for name, top1 in zip(VARIANTS, (74.4, 77.5, 81.0)):
         info = get_model_info(name)
         assert info.default_res == 224 and info.paper_top1 == top1

@@ -49,9 +49,12 @@ def render_bench(console, result) -> None:
 
     p = result.protocol
     stat = headline_label(result)
+    short = "median" if stat == "median" else "mean"
     rt = "onnxruntime" if result.runtime == "ort" else "eager PyTorch"
+    explain = "" if short == "median" else "mean = mean of the trimmed round means · runs = rounds × kept per round · "
     t = Table(title=f"bench · protocol {p.name} · {rt} · batch {p.batch} · {result.threads} thread(s)",
-              caption=f"spread = {SPREAD} of the kept runs · MACs per image · GFLOP/s = 2 × MACs / {stat}")
+              caption=f"{explain}spread = {SPREAD} of the kept runs · MACs per image · "
+                      f"GFLOP/s = 2 × MACs / {short}")
     flags_by = []
     for tm in result.timings:
         flags = []
@@ -64,7 +67,7 @@ def render_bench(console, result) -> None:
     t.add_column("res", justify="right", no_wrap=True)
     if p.headline == "img/s":
         t.add_column("img/s", justify="right")
-    for name in (f"{stat} ms", "spread ms", "±%", "runs", "GMACs", "GFLOP/s"):
+    for name in (f"{short} ms", "spread ms", "±%", "runs", "GMACs", "GFLOP/s"):
         t.add_column(name, justify="right")
     if any(flags_by):
         t.add_column("note")
@@ -73,7 +76,7 @@ def render_bench(console, result) -> None:
         if p.headline == "img/s":
             row.append(f"{tm.images_per_s:,.1f}")
         row += [_ms(tm.headline_ms), _ms(tm.spread_ms), f"{100 * tm.spread_ms / tm.headline_ms:.0f}",
-                f"{tm.runs:,}" + (f" ({tm.rounds} rounds)" if tm.rounds > 1 else ""),
+                f"{tm.rounds}×{tm.runs // tm.rounds}" if tm.rounds > 1 else f"{tm.runs:,}",
                 "—" if tm.macs is None else f"{tm.macs_per_image / 1e9:.3g}",
                 "—" if tm.gflops is None else f"{tm.gflops:.1f}"]
         if any(flags_by):
@@ -82,6 +85,10 @@ def render_bench(console, result) -> None:
     console.print(t)
     env = result.env
     console.print(f"[dim]environment: {env.one_line()}[/]", highlight=False)
+    if env.load_average and env.load_average[0] > env.cpus_available:
+        console.print(f"[yellow]the machine was busy (load {env.load_average[0]:.1f} on {env.cpus_available} CPUs): "
+                      "timings are inflated and noisy; re-run on an idle machine for figures to quote[/]",
+                      highlight=False)
     console.print(f"[dim]protocol {p.name}: {p.summary}[/]", highlight=False)
     overrides = []
     if result.threads != p.threads:

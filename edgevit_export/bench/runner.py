@@ -65,7 +65,7 @@ class ModelSpec:
 
 
 def _looks_like_path(s: str) -> bool:
-    return s.lower().endswith(".onnx") or os.sep in s or "/" in s or Path(s).expanduser().exists()
+    return s.lower().endswith(".onnx") or os.sep in s or "/" in s or Path(s).expanduser().is_file()
 
 
 def parse_models(spec: str | list[str]) -> list[ModelSpec]:

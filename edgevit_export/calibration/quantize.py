@@ -131,6 +131,50 @@ class QuantizeResult:
         return self.drop <= self.max_drop + 1e-9
 
 
+# --- the CPU -----------------------------------------------------------------------------------
+
+@dataclass
+class CpuInt8:
+    model: str
+    arch: str
+    vnni: bool                  # avx512_vnni or avx_vnni (x86), or an ARM CPU with dot products
+    flags: list[str]            # the int8-relevant flags found
+
+    def describe(self) -> str:
+        return f"{self.model or self.arch} ({', '.join(self.flags) or 'no int8 dot-product flags'})"
+
+
+def cpu_int8() -> CpuInt8:
+    """What this CPU offers int8 kernels, from /proc/cpuinfo (Linux) or platform facts."""
+    import platform
+
+    arch = platform.machine().lower()
+    model, flags = "", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "hardware", "cpu model") and not model:
+                model = val.strip()
+            elif key in ("flags", "features"):
+                flags.update(val.split())
+    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+    found = [f for f in wanted if f in flags]
+    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags) or (arch in ("arm64", "aarch64")
+                                                                      and ("asimddp" in flags or not flags))
+    return CpuInt8(model or platform.processor() or arch, arch, vnni, found)
+
+
+def default_reduce_range() -> tuple[bool, str]:
+    """7-bit weights where u8s8 int8 kernels saturate (x86 without VNNI), as onnxruntime advises."""
+    c = cpu_int8()
+    if c.arch in ("x86_64", "amd64", "i686", "x86") and not c.vnni:
+        return True, (f"7-bit weight range (reduce_range) because this CPU has no VNNI ({c.describe()}): "
+                      "onnxruntime's u8s8 AVX2 kernels saturate int16 sums at full 8-bit range; pass "
+                      "--no-reduce-range for a VNNI or ARM target")
+    return False, f"full 8-bit weights: this CPU has int8 dot products ({c.describe()})"
+
+
 # --- validation --------------------------------------------------------------------------------
 
 def parse_keep_float(spec: str | list[str] | None) -> str | list[str] | None:
@@ -397,8 +441,9 @@ def quantize_qdq(pre_path: Path, out_path: Path, cache: Path, method: str, *, pe
 
 # --- the command -------------------------------------------------------------------------------
 
-def quantize(model: str, *, res=None, weights: str | None = None, calib: str | Path = "synthetic",
-             calib_size: int = 256, method: str = "minmax", per_channel: bool = True, reduce_range: bool = False,
+def quantize(model: str, *, res=None, weights: str | None = None, calib: str | Path | None = None,
+             calib_size: int = 256, method: str = "minmax", per_channel: bool = True,
+             reduce_range: bool | None = None,
              eval_dir: str | Path | None = None, labels: str | Path | None = None, eval_size: int | None = None,
              max_drop: float = 1.0, keep_float: str | list[str] | None = None, format: str = "onnx",
              weights_bits: int | None = None, palettize: int | None = None, sensitivity_samples: int = 8,
@@ -427,6 +472,9 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
     if sensitivity_samples < 0:
         raise EdgeExportError(f"--sensitivity must be 0 or more images, got {sensitivity_samples}")
     keep = parse_keep_float(keep_float)
+    rr_note = ""
+    if reduce_range is None:
+        reduce_range, rr_note = default_reduce_range() if format == "onnx" else (False, "")
     if format == "onnx" and (weights_bits is not None or palettize is not None):
         raise EdgeExportError("--weights-bits and --palettize apply to --format coreml; "
                               "ONNX quantization is int8 QDQ")
@@ -448,6 +496,9 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
         raise EdgeExportError("--format coreml needs a model name (and --weights), not an .onnx file")
     calib_src = calib_scan = None
     if format == "onnx":
+        if calib is None:
+            raise EdgeExportError("int8 quantization needs calibration images: pass --calib DIR (images like "
+                                  "the ones the model will see) or --calib synthetic for a smoke run")
         calib_src, calib_scan = calibration_source(calib, target, calib_size, seed)
     eval_set = evaluation_set(eval_dir, labels, target)
     # 3. where it goes
@@ -468,6 +519,8 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
             res_obj = _quantize_onnx(target, weights, calib, calib_src, calib_scan, method, per_channel,
                                      reduce_range, eval_set, eval_dir, eval_size, max_drop, keep,
                                      sensitivity_samples, threads, seed, tmp, artifact, manifest_path, step)
+            if rr_note:
+                res_obj.notes.insert(0, rr_note)
         else:
             res_obj = _compress_coreml(target, weights, weights_bits, palettize, eval_set, eval_dir, eval_size,
                                        max_drop, threads, seed, tmp, artifact, manifest_path, labels, step)

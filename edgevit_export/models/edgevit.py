@@ -266,7 +266,7 @@ def _infer_kwargs(sd: dict) -> dict:
 
 
 _COMMON = dict(
-    family="edgevit",
+    family="EdgeViT",
     paper="EdgeViTs (Pan et al., ECCV 2022)",
     default_res=224,
     res_multiple=32,

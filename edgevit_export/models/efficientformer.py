@@ -591,7 +591,7 @@ def infer_kwargs_v2(sd: dict) -> dict:
 
 
 @register_model(
-    family="efficientformer", paper=PAPER_V1, default_res=224, paper_params_m=12.3, paper_macs_m=1300,
+    family="EfficientFormer", paper=PAPER_V1, default_res=224, paper_params_m=12.3, paper_macs_m=1300,
     paper_top1=79.2, res_multiple=32, min_res=64, convert_state_dict=convert_state_dict,
     infer_kwargs=infer_kwargs_v1,
     weights_note="timm layout (efficientformer_l1.snap_dist_in1k: head + head_dist, averaged); "
@@ -602,7 +602,7 @@ def efficientformer_l1(num_classes: int = 1000, distillation: bool = True) -> Ef
 
 
 @register_model(
-    family="efficientformer", paper=PAPER_V2, default_res=224, paper_params_m=6.1, paper_macs_m=650,
+    family="EfficientFormer", paper=PAPER_V2, default_res=224, paper_params_m=6.1, paper_macs_m=650,
     paper_top1=79.0, res_multiple=32, min_res=64, convert_state_dict=convert_state_dict,
     infer_kwargs=infer_kwargs_v2,
     weights_note="timm layout (efficientformerv2_s1.snap_dist_in1k: head + head_dist, averaged); "

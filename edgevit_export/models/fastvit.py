@@ -463,7 +463,7 @@ def infer_kwargs(sd: dict) -> dict:
 
 def _meta(params_m: float, gflops: float, top1: float, timm_params_m: float) -> dict:
     return dict(
-        family="fastvit", paper=PAPER, default_res=256, paper_params_m=params_m,
+        family="FastViT", paper=PAPER, default_res=256, paper_params_m=params_m,
         paper_macs_m=gflops * 1000, paper_top1=top1, res_multiple=32, min_res=64,
         convert_state_dict=convert_state_dict, infer_kwargs=infer_kwargs,
         weights_note=(f"timm layout (fastvit_*.apple_in1k / apple_dist_in1k), train-time form "
