@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
-from rich import box
 from rich.table import Table
 
 

@@ -62,10 +62,16 @@ class OrtPredictor:
 
 
 class TorchPredictor:
-    def __init__(self, model, threads: int | None = None):
-        self.model = model.eval()
+    """A torch module (or the GraphModule of an exported program; ``batch`` for a static batch)."""
+
+    def __init__(self, model, threads: int | None = None, batch: int | None = None):
+        try:
+            model.eval()
+        except NotImplementedError:  # ExportedProgram.module() is always in inference mode
+            pass
+        self.model = model
         self.threads = threads
-        self.batch = None
+        self.batch = batch
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         import torch
@@ -75,7 +81,16 @@ class TorchPredictor:
             torch.set_num_threads(self.threads)
         try:
             with torch.no_grad():
-                return self.model(torch.from_numpy(x)).float().numpy()
+                if self.batch is None:
+                    return self.model(torch.from_numpy(x)).float().numpy()
+                outs = []
+                for i in range(0, len(x), self.batch):
+                    chunk = x[i:i + self.batch]
+                    n = len(chunk)
+                    if n < self.batch:
+                        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
+                    outs.append(self.model(torch.from_numpy(chunk)).float().numpy()[:n])
+                return np.concatenate(outs)
         finally:
             torch.set_num_threads(old)
 

@@ -929,8 +929,8 @@ def _compress_coreml(target: _Target, weights, weights_bits, palettize, eval_set
     gm_comp = copy.deepcopy(gm_float)
     counts = compress_torch_weights(gm_comp, weights_bits=weights_bits, palettize=palettize)
     ev_src, ev_info = _eval_source(eval_set, eval_dir, eval_size, target, None, seed)
-    lg = acc.collect_logits({"float": acc.TorchPredictor(gm_float, threads),
-                             "compressed": acc.TorchPredictor(gm_comp, threads)}, ev_src, progress=step,
+    lg = acc.collect_logits({"float": acc.TorchPredictor(gm_float, threads, batch=1),
+                             "compressed": acc.TorchPredictor(gm_comp, threads, batch=1)}, ev_src, progress=step,
                             task="evaluate float + compressed (PyTorch)")
     ev_info.images = len(lg.keys)
     ev_info.corrupt = lg.skipped

@@ -349,8 +349,8 @@ class EfficientVitMsra(nn.Module):
 
 
 def convert_state_dict(sd: dict) -> dict:
-    """Our layout is timm's. Drops ``attention_bias_idxs`` (a buffer older timm versions and the
-    official code saved; it is recomputed) and a DataParallel ``module.`` prefix; else unchanged."""
+    """Our layout is timm's. Drops ``attention_bias_idxs`` (a buffer that older timm versions
+    saved; it is recomputed) and a DataParallel ``module.`` prefix; else unchanged."""
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if not k.endswith("attention_bias_idxs")}

@@ -98,15 +98,18 @@ def run_passes(ep: torch.export.ExportedProgram, names: list[str], ctx: PassCont
         before = graph_stats(gm)
         x = p.sample_input(ctx)
         x_in = x if x is not None else ctx.example_inputs[0]
-        ref = cur_out if x is None else annotate(backup, (p.reference_input(x_in, ctx),))
         try:
             changed = p.apply(gm, ctx)
-            finish(gm)
-            out = annotate(gm, (x_in,))
         except PassRefused as e:
             gm = backup
             results.append(PassResult(name, 0, before, before, refused=str(e)))
             continue
+        if not changed:  # nothing rewritten: nothing to prove
+            results.append(PassResult(name, 0, before, before))
+            continue
+        finish(gm)
+        ref = cur_out if x is None else annotate(backup, (p.reference_input(x_in, ctx),))
+        out = annotate(gm, (x_in,))
         err = max(rel_err(o, r) for o, r in zip(_flat(out), _flat(ref)))
         if err > EXACT_TOL:
             gm = backup
@@ -116,7 +119,7 @@ def run_passes(ep: torch.export.ExportedProgram, names: list[str], ctx: PassCont
         if x is not None and changed:  # the input contract changed (raw pixels from now on)
             ctx.example_inputs = (x,)
             contract.append(p)
-        cur_out = out if x is None or changed else cur_out
+        cur_out = out
         results.append(PassResult(name, changed, before, graph_stats(gm), max_rel_err=err))
     with torch.no_grad():
         program = torch.export.export(gm, ctx.example_inputs) if names else ep
