@@ -146,13 +146,13 @@ def export(
     """Capture → op-rewrite passes → ONNX / Core ML → check against PyTorch."""
     from . import api
 
-    if weights is None:
-        console.print(f"[yellow]no --weights: {model} is randomly initialised (seed 0); "
-                      "the artifact is for testing the pipeline, not for predictions[/]")
     started = time.perf_counter()
     last = {"t": started, "name": None}
 
     def progress(stepname: str):
+        if stepname == "build model" and weights is None:  # inputs are valid by now
+            console.print(f"[yellow]no --weights: {model} is randomly initialised (seed 0); "
+                          "the artifact is for testing the pipeline, not for predictions[/]")
         now = time.perf_counter()
         if last["name"]:
             console.print(f"  [dim]✓ {last['name']} ({now - last['t']:.1f}s)[/]")

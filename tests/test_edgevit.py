@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import pytest
 import torch
+from helpers import coreml_convert, onnx_rel_error, random_state_dict
 
 from edgevit_export.errors import ResolutionError
 from edgevit_export.measure import count_macs, count_params, stage_shapes
@@ -72,16 +72,7 @@ def official_keys(name: str, num_classes: int = 1000) -> list[tuple[str, tuple]]
 
 
 def official_state_dict(name: str, num_classes: int = 1000) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(7)
-    sd = {}
-    for k, shape in official_keys(name, num_classes):
-        if k.endswith("num_batches_tracked"):
-            sd[k] = torch.tensor(100)
-        elif k.endswith("running_var"):
-            sd[k] = torch.rand(shape, generator=g) + 0.5
-        else:
-            sd[k] = torch.randn(shape, generator=g) * 0.1
-    return sd
+    return random_state_dict(official_keys(name, num_classes), seed=7, batches_tracked=100)
 
 
 def test_registered_with_paper_figures():
@@ -165,32 +156,17 @@ def test_refused_resolutions(res):
 
 
 def test_onnx_export_parity(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     model = _model("edgevit_xxs")
     x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model(x).numpy()
-    path = tmp_path / "edgevit_xxs.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=True)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert onnx_rel_error(model, x, tmp_path / "edgevit_xxs.onnx") <= 1e-4
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,res", [(n, 224) for n in VARIANTS] + [("edgevit_xxs", 512), ("edgevit_s", 1024)])
 def test_export_onnx_and_coreml(name, res, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    ct = pytest.importorskip("coremltools")
+    pytest.importorskip("coremltools")
     model = create_model(name)
     x = torch.randn(1, 3, res, res)
-    with torch.no_grad():
-        ref = model(x).numpy()
-    path = tmp_path / "m.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=True)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
-    ep = torch.export.export(model, (x,)).run_decompositions({})
-    ml = ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
+    assert onnx_rel_error(model, x, tmp_path / "m.onnx") <= 1e-4
+    ml = coreml_convert(model, x)
     assert ml is not None

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import coreml_convert, onnx_rel_error
 
 from edgevit_export.errors import ResolutionError
 from edgevit_export.measure import count_macs, count_params
@@ -255,39 +255,22 @@ def test_resolution_rules(models, name):
 
 
 def test_onnx_parity_smallest_at_default_res(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     model = _randomise(create_model("efficientformerv2_s1"), seed=4)
     x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        ref = model(x).numpy()
-    path = tmp_path / "efficientformerv2_s1.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=True)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
+    assert onnx_rel_error(model, x, tmp_path / "efficientformerv2_s1.onnx") < 1e-4
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("res", [224, 512])
 def test_onnx_parity_l1(tmp_path, res):
     """V1 at 224 and at 512, where the stage-4 position bias is resampled."""
-    ort = pytest.importorskip("onnxruntime")
     model = _randomise(create_model("efficientformer_l1"), seed=4)
     x = torch.randn(1, 3, res, res)
-    with torch.no_grad():
-        ref = model(x).numpy()
-    path = tmp_path / "efficientformer_l1.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=True)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
+    assert onnx_rel_error(model, x, tmp_path / "efficientformer_l1.onnx") < 1e-4
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("res", [224, 512])
 def test_coreml_conversion(name, res):
-    ct = pytest.importorskip("coremltools")
-    model = create_model(name)
-    ep = torch.export.export(model, (torch.randn(1, 3, res, res),)).run_decompositions({})
-    ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
+    coreml_convert(create_model(name), torch.randn(1, 3, res, res))

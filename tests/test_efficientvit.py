@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import coreml_convert, onnx_rel_error
 
 from edgevit_export.errors import ResolutionError
 from edgevit_export.measure import count_macs, count_params, stage_shapes
@@ -281,19 +281,13 @@ def test_refused_resolutions(res):
 
 
 def _export_and_check_onnx(model: torch.nn.Module, res: int, tmp_path) -> torch.export.ExportedProgram:
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     x = torch.randn(1, 3, res, res)
-    with torch.no_grad():
-        ref = model(x).numpy()
     ep = torch.export.export(model, (x,))
     shapes = [n.meta["val"].shape for n in ep.graph.nodes if hasattr(n.meta.get("val"), "shape")]
     assert max(len(s) for s in shapes) <= 5  # Core ML's limit
     assert all(isinstance(d, int) for s in shapes for d in s)  # no symbolic sizes
-    path = tmp_path / "m.onnx"
-    torch.onnx.export(ep, (x,), str(path), dynamo=True)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert onnx_rel_error(model, x, tmp_path / "m.onnx", program=ep) <= 1e-4
     return ep
 
 
@@ -306,7 +300,7 @@ def test_export_at_512_is_static_rank5_and_onnx_matches(m0_live, tmp_path):
 @pytest.mark.parametrize("name,res", [(n, 224) for n in VARIANTS] + [("efficientvit_m0", 512),
                                                                      ("efficientvit_m5", 1024)])
 def test_onnx_and_coreml(name, res, tmp_path):
-    ct = pytest.importorskip("coremltools")
+    pytest.importorskip("coremltools")
     ep = _export_and_check_onnx(_live(create_model(name)), res, tmp_path)
-    ml = ct.convert(ep.run_decompositions({}), convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
+    ml = coreml_convert(ep)
     assert ml is not None

@@ -55,12 +55,13 @@ def test_cli_export_and_existing_file_needs_force(cli, tmp_path):
     assert "randomly initialised" in res.output and "PASS parity" in res.output
     again = cli("export", "shvit_s1", "--res", "64", "--out", tmp_path)
     assert again.exit_code == 2 and "--force" in again.output
-    assert cli("export", "shvit_s1", "--res", "64", "--out", tmp_path, "--force", "--no-check").exit_code == 0
+    assert cli("export", "shvit_s1", "--res", "64", "--out", tmp_path, "--force", "--no-check",
+               "--passes", "none").exit_code == 0
 
 
 def test_failed_parity_exits_1_and_keeps_artifact(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(api, "ONNX_TOLERANCE", 0.0)
-    res = cli("export", "shvit_s1", "--res", "64", "--out", tmp_path)
+    res = cli("export", "shvit_s1", "--res", "64", "--out", tmp_path, "--passes", "none")
     assert res.exit_code == 1, res.output
     assert "parity" in res.output and (tmp_path / "shvit_s1-64.onnx").exists()
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from helpers import coreml_convert, onnx_rel_error
 
 from edgevit_export.errors import ResolutionError
 from edgevit_export.measure import count_macs, count_params
@@ -197,25 +197,16 @@ def test_resolution_rules():
 
 
 def test_onnx_parity_smallest_at_default_res(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     model = _randomise(create_model("fastvit_t8"), seed=5)
     model.prepare_for_export()
     x = torch.randn(1, 3, 256, 256)
-    with torch.no_grad():
-        ref = model(x).numpy()
-    path = tmp_path / "fastvit_t8.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=True)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
+    assert onnx_rel_error(model, x, tmp_path / "fastvit_t8.onnx") < 1e-4
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("res", [224, 512])
 def test_coreml_conversion(name, res):
-    ct = pytest.importorskip("coremltools")
     model = create_model(name)
     model.prepare_for_export()
-    ep = torch.export.export(model, (torch.randn(1, 3, res, res),)).run_decompositions({})
-    ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
+    coreml_convert(model, torch.randn(1, 3, res, res))

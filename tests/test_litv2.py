@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import coreml_convert, onnx_rel_error
 
 from edgevit_export.errors import ResolutionError
 from edgevit_export.measure import count_macs, count_params, stage_shapes
@@ -230,36 +228,22 @@ def test_resolution_rules(litv2_s):
 
 # --- export ---------------------------------------------------------------------------------
 
-def _onnx_parity(model, x, path):
-    with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(model, (x,), str(path), dynamo=True)
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    with torch.no_grad():
-        ref = model(x).numpy()
-    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
-
-
 def test_onnx_parity_small_litv2(tmp_path):
     """Every block type (Conv-FFN, HiLo with s=2 and s=1, DTM with live offsets) at 64x96."""
     torch.manual_seed(0)
     model = LITv2(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), num_classes=10)
     _randomise_offsets(model)
-    _onnx_parity(model.eval(), torch.randn(1, 3, 64, 96), tmp_path / "small.onnx")
+    assert onnx_rel_error(model.eval(), torch.randn(1, 3, 64, 96), tmp_path / "small.onnx") <= 1e-4
 
 
 @pytest.mark.slow
 def test_onnx_parity_litv2_s_224(litv2_s, tmp_path):
-    _onnx_parity(litv2_s, torch.randn(1, 3, 224, 224), tmp_path / "litv2_s.onnx")
+    assert onnx_rel_error(litv2_s, torch.randn(1, 3, 224, 224), tmp_path / "litv2_s.onnx") <= 1e-4
 
 
 def test_coreml_converts_dtm_and_stages_1_2():
     """Core ML takes the deformable conv (as ``resample``) and the attention-free stages; the full
     model still holds the rank-6 Hi-Fi window partition, left for a graph pass to rewrite."""
-    ct = pytest.importorskip("coremltools")
-
     class Stages12(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
@@ -274,8 +258,7 @@ def test_coreml_converts_dtm_and_stages_1_2():
     torch.manual_seed(0)
     model = LITv2(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)).eval()
     _randomise_offsets(model)
-    ep = torch.export.export(Stages12(model).eval(), (torch.randn(1, 3, 64, 96),)).run_decompositions({})
-    ml = ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
+    ml = coreml_convert(Stages12(model), torch.randn(1, 3, 64, 96))
     ops = {op.op_type for f in ml._mil_program.functions.values() for op in f.operations}
     assert "resample" in ops
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import coreml_convert, onnx_rel_error, random_state_dict
 
 from edgevit_export.errors import ResolutionError
 from edgevit_export.measure import count_macs, count_params, stage_shapes
@@ -72,16 +72,8 @@ KEY_RE = re.compile(
 
 def _random_state_dict(name: str, num_classes: int = 1000, seed: int = 3) -> dict[str, torch.Tensor]:
     """A checkpoint in timm's layout: our model's keys (asserted to be timm's below), random values."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in create_model(name, num_classes=num_classes).state_dict().items():
-        if k.endswith("num_batches_tracked"):
-            sd[k] = torch.tensor(1000)
-        elif k.endswith("running_var"):
-            sd[k] = torch.rand(v.shape, generator=g) + 0.5
-        else:
-            sd[k] = torch.randn(v.shape, generator=g) * 0.1
-    return sd
+    shapes = [(k, v.shape) for k, v in create_model(name, num_classes=num_classes).state_dict().items()]
+    return random_state_dict(shapes, seed=seed, batches_tracked=1000)
 
 
 def test_registered_with_paper_figures():
@@ -174,23 +166,13 @@ def test_refused_resolutions(res):
 
 
 def test_onnx_export_parity(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     model = create_model("mobilenetv3_small_100")
     x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        ref = model(x).numpy()
-    path = tmp_path / "mnv3.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=True)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert onnx_rel_error(model, x, tmp_path / "mnv3.onnx") <= 1e-4
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,res", [(n, 224) for n in VARIANTS] + [("mobilenetv3_large_100", 512)])
 def test_coreml_conversion(name, res):
-    ct = pytest.importorskip("coremltools")
-    model = create_model(name)
-    ep = torch.export.export(model, (torch.randn(1, 3, res, res),)).run_decompositions({})
-    ml = ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
+    ml = coreml_convert(create_model(name), torch.randn(1, 3, res, res))
     assert ml is not None

@@ -141,7 +141,7 @@ def plot_png(result: BenchResult) -> bytes:
         ax.plot(x, y, "o-", color=c, label=name, lw=2, ms=6)
         ax.fill_between(x, [t.p10_ms for t in ts], [t.p90_ms for t in ts], color=c, alpha=0.15, lw=0)
         for xi, yi in zip(x, y):
-            ax.annotate(f"{yi:,.1f}" if yi >= 10 else f"{yi:.2f}", (xi, yi), textcoords="offset points",
+            ax.annotate(f"{yi:,.0f}" if yi >= 100 else f"{yi:.1f}" if yi >= 10 else f"{yi:.2f}", (xi, yi), textcoords="offset points",
                         xytext=(6, 5), fontsize=8, color=c,
                         path_effects=[pe.withStroke(linewidth=2.5, foreground="white")])
         g = [t.gflops for t in ts]

@@ -136,6 +136,8 @@ def collect_logits(predictors: dict[str, Callable[[np.ndarray], np.ndarray]], so
         if len(buf) >= batch:
             flush()
     flush()
+    if progress and done != total:   # corrupt images skipped: the bar ends at what was read
+        progress(task, done, done)
     skipped = list(getattr(source, "skipped", []))
     values = {k: (np.concatenate(v) if v else np.zeros((0, 0), np.float32)) for k, v in outs.items()}
     lab = None

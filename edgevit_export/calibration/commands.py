@@ -30,15 +30,17 @@ class _Bars:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         self._end_stage()
-        self.progress.__exit__(*exc)
+        if exc_type is not None:   # an error: clear the bars, so the error is the one line left
+            self.progress.live.transient = True
+        self.progress.__exit__(exc_type, exc, tb)
 
     def _end_stage(self):
         if self.stage is not None:
             tid = self.tasks.pop("__stage__")
-            self.progress.update(tid, description=f"[dim]✓ {self.stage} ({time.perf_counter() - self.stage_t:.1f}s)[/]",
-                                 total=1, completed=1)
+            took = time.perf_counter() - self.stage_t
+            self.progress.update(tid, description=f"[dim]✓ {self.stage} ({took:.1f}s)[/]", total=1, completed=1)
             self.stage = None
 
     def __call__(self, task: str, done: int, total: int) -> None:
@@ -174,6 +176,8 @@ def register(app, console, handle_errors) -> None:
         keep_float: Optional[str] = typer.Option(None, "--keep-float", help="'auto' (keep the most sensitive "
                                                                             "nodes float until within --max-drop) "
                                                                             "or NODE,NODE…"),
+        keep_float_max: int = typer.Option(12, "--keep-float-max", help="--keep-float auto: give up after N "
+                                                                        "candidates."),
         format: str = typer.Option("onnx", "--format", "-f", help="onnx (int8 QDQ) | coreml (weight compression)."),
         weights_bits: Optional[int] = typer.Option(None, "--weights-bits", help="Core ML: 8 (linear int8 weights, "
                                                                                 "the default)."),
@@ -199,7 +203,8 @@ def register(app, console, handle_errors) -> None:
             r = quantize(model, res=res, weights=str(weights) if weights else None, calib=calib,
                          calib_size=calib_size, method=method, per_channel=per_channel, reduce_range=reduce_range,
                          eval_dir=eval_dir, labels=labels, eval_size=eval_size, max_drop=max_drop,
-                         keep_float=keep_float, format=format, weights_bits=weights_bits, palettize=palettize,
+                         keep_float=keep_float, keep_float_max=keep_float_max, format=format,
+                         weights_bits=weights_bits, palettize=palettize,
                          sensitivity_samples=sensitivity, out=out, force=force, threads=threads, progress=bars)
         render_quantize(console, r)
         mark = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
@@ -262,7 +267,7 @@ def register(app, console, handle_errors) -> None:
         model: str = typer.Option("shvit_s1", "--model", help="Zoo model to train (10-class head)."),
         res: int = typer.Option(64, "--res", help="Training resolution."),
         per_class: int = typer.Option(200, "--per-class", help="Training images per class."),
-        epochs: int = typer.Option(8, "--epochs"),
+        epochs: int = typer.Option(10, "--epochs"),
         threads: Optional[int] = typer.Option(None, "--threads", help="Default: 2, or 1 on a busy machine."),
         force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint."),
     ):

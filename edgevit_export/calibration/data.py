@@ -176,7 +176,8 @@ def is_labelled(root: str | Path) -> bool:
     """A labelled folder has class sub-folders holding images and no loose images at its top."""
     root = Path(root).expanduser()
     try:
-        entries = list(os.scandir(root))
+        with os.scandir(root) as it:
+            entries = list(it)
     except OSError:
         return False
     if any(e.is_file() and _is_image_name(Path(e.name)) for e in entries):
@@ -189,8 +190,10 @@ def scan_labelled(root: str | Path, labels_file: str | Path | None = None, what:
     folder name in sorted order, or in ``labels_file`` when given."""
     root = Path(root).expanduser()
     _check_dir(root, f"{what}")
-    loose = [e.name for e in os.scandir(root) if e.is_file() and _is_image_name(Path(e.name))]
-    dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    with os.scandir(root) as it:
+        entries = list(it)
+    loose = [e.name for e in entries if e.is_file() and _is_image_name(Path(e.name))]
+    dirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if loose:
         raise DataError(f"{what} folder {root} has images at its top level ({loose[0]}…); a labelled folder has "
                         "one sub-folder per class with the images inside")

@@ -222,12 +222,15 @@ def _onnx_io(path: Path):
     return dims(inputs[0]), [dims(o) for o in m.graph.output], ops
 
 
-def resolve_target(model: str, res, weights: str | None) -> _Target:
+def resolve_target(model: str, res, weights: str | None, purpose: str = "quantize") -> _Target:
     """A model name or an .onnx file → what to quantize, its resolution, preprocessing, classes."""
     from ..registry import get_model_info, parse_resolution
 
     p = Path(model).expanduser()
     if model.endswith(".mlpackage") or model.endswith(".mlmodel"):
+        if purpose == "evaluate":
+            raise EdgeExportError(f"{model}: Core ML cannot run on Linux; evaluate the model name (PyTorch, with "
+                                  "--weights) or its ONNX export")
         raise EdgeExportError(f"{model}: Core ML packages cannot be re-quantized here; pass the model name with "
                               "--format coreml (and --weights) to compress its weights")
     if model.endswith(".onnx") or p.is_file():
@@ -236,7 +239,7 @@ def resolve_target(model: str, res, weights: str | None) -> _Target:
         if weights is not None:
             raise EdgeExportError("--weights applies to model names; an .onnx file already holds its weights")
         in_dims, out_dims, ops = _onnx_io(p)
-        if {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"} & ops:
+        if purpose == "quantize" and {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"} & ops:
             raise EdgeExportError(f"{p} is already quantized; pass the float model (or its name)")
         if len(in_dims) != 4 or not all(isinstance(d, int) and d > 0 for d in in_dims[1:]) or in_dims[1] != 3:
             raise EdgeExportError(f"{p} takes input of shape {in_dims}; quantize needs a static N×3×H×W image "
@@ -352,11 +355,19 @@ class _Reader:
         return d
 
 
+@contextlib.contextmanager
 def _quiet():
-    logging.getLogger().setLevel(logging.ERROR)
-    for n in ("onnxruntime", "root"):
-        logging.getLogger(n).setLevel(logging.ERROR)
-    return contextlib.ExitStack()
+    """onnxruntime.quantization logs advice through the root logger; keep it to errors while we
+    run it (the CLI renders what matters), then restore the levels."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime")]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, before):
+            lg.setLevel(lvl)
 
 
 def calibrate(pre_path: Path, source, method: str, workdir: Path, *, threads: int = 2,
@@ -445,7 +456,8 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
              calib_size: int = 256, method: str = "minmax", per_channel: bool = True,
              reduce_range: bool | None = None,
              eval_dir: str | Path | None = None, labels: str | Path | None = None, eval_size: int | None = None,
-             max_drop: float = 1.0, keep_float: str | list[str] | None = None, format: str = "onnx",
+             max_drop: float = 1.0, keep_float: str | list[str] | None = None, keep_float_max: int = AUTO_MAX_STEPS,
+             format: str = "onnx",
              weights_bits: int | None = None, palettize: int | None = None, sensitivity_samples: int = 8,
              out: str | Path = "exports", force: bool = False, threads: int = 2, seed: int = 0,
              progress: Progress | None = None) -> QuantizeResult:
@@ -472,6 +484,8 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
     if sensitivity_samples < 0:
         raise EdgeExportError(f"--sensitivity must be 0 or more images, got {sensitivity_samples}")
     keep = parse_keep_float(keep_float)
+    if keep_float_max < 1:
+        raise EdgeExportError(f"--keep-float-max must be at least 1, got {keep_float_max}")
     rr_note = ""
     if reduce_range is None:
         reduce_range, rr_note = default_reduce_range() if format == "onnx" else (False, "")
@@ -517,7 +531,7 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
     with artifacts.staging(out_dir) as tmp, _quiet():
         if format == "onnx":
             res_obj = _quantize_onnx(target, weights, calib, calib_src, calib_scan, method, per_channel,
-                                     reduce_range, eval_set, eval_dir, eval_size, max_drop, keep,
+                                     reduce_range, eval_set, eval_dir, eval_size, max_drop, keep, keep_float_max,
                                      sensitivity_samples, threads, seed, tmp, artifact, manifest_path, step)
             if rr_note:
                 res_obj.notes.insert(0, rr_note)
@@ -527,10 +541,21 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
         res_obj.seconds["total"] = time.perf_counter() - t0
         res_obj.manifest["seconds"] = {k: round(v, 3) for k, v in res_obj.seconds.items()}
         staged_manifest = tmp / manifest_path.name
-        staged_manifest.write_text(json.dumps(res_obj.manifest, indent=2, default=_json_default) + "\n")
+        staged_manifest.write_text(json.dumps(_finite(res_obj.manifest), indent=2, default=_json_default) + "\n")
         artifacts.commit(tmp / artifact.name, artifact)
         artifacts.commit(staged_manifest, manifest_path)
     return res_obj
+
+
+def _finite(o):
+    """JSON has no infinity: an SQNR of identical outputs (∞ dB) is written as null."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 def _json_default(o):
@@ -573,7 +598,7 @@ def _eval_source(eval_set, eval_dir, eval_size, target: _Target, calib_src, seed
 
 
 def _quantize_onnx(target: _Target, weights, calib, calib_src, calib_scan, method, per_channel, reduce_range,
-                   eval_set, eval_dir, eval_size, max_drop, keep, sens_n, threads, seed, tmp: Path,
+                   eval_set, eval_dir, eval_size, max_drop, keep, keep_max, sens_n, threads, seed, tmp: Path,
                    artifact: Path, manifest_path: Path, step: Progress) -> QuantizeResult:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -624,15 +649,16 @@ def _quantize_onnx(target: _Target, weights, calib, calib_src, calib_scan, metho
     cache = calibrate(pre_path, calib_src, method, tmp, threads=threads, progress=step)
     seconds["calibrate"] = time.perf_counter() - t
     skipped = list(calib_src.skipped)
+    requested = calib_src.count if calib_src.synthetic else calib_src.limit
     calib_info = CalibrationInfo(
         "synthetic" if calib_src.synthetic else str(calib_scan.root), calib_src.synthetic, len(calib_src.used),
-        len(calib_src), calib_src.digest(), calib_scan.non_images if calib_scan else 0, skipped,
+        requested, calib_src.digest(), calib_scan.non_images if calib_scan else 0, skipped,
         target.preprocess.describe())
     if calib_src.synthetic:
         notes.append("SYNTHETIC calibration (drawn shapes): a smoke run of the pipeline, not for shipping — "
                      "calibrate on real images from your domain")
-    elif len(calib_src.used) < len(calib_src):
-        notes.append(f"calibrated on {len(calib_src.used)} images ({len(calib_src)} requested; the folder has "
+    elif len(calib_src.used) < requested:
+        notes.append(f"calibrated on {len(calib_src.used)} images ({requested} requested; the folder has "
                      "no more readable images)")
 
     staged = tmp / artifact.name
@@ -675,7 +701,7 @@ def _quantize_onnx(target: _Target, weights, calib, calib_src, calib_scan, metho
         baseline = comparison
         cached_items = None
         for cand in sens:
-            if len(steps) >= AUTO_MAX_STEPS:
+            if len(steps) >= keep_max:
                 break
             new = [nm for nm in cand.nodes if nm not in excluded]
             if not new:
@@ -754,12 +780,13 @@ def _manifest(res: QuantizeResult, target: _Target, float_manifest: dict | None,
 
 # --- Core ML weight compression -------------------------------------------------------------
 
-def kmeans_lut(val: np.ndarray, nbits: int, iters: int = 40) -> tuple[np.ndarray, np.ndarray]:
+def kmeans_lut(val: np.ndarray, nbits: int, iters: int = 300) -> tuple[np.ndarray, np.ndarray]:
     """1-D k-means palette of ``2**nbits`` entries for ``val`` → (lut, uint8 indices, flat).
 
-    Deterministic: centroids start at evenly spaced quantiles, Lloyd iterations on the sorted
-    values (assignment in 1-D is by the midpoints between sorted centroids). Used both by the
-    Core ML palettization (as coremltools' custom LUT function) and by its PyTorch emulation.
+    Deterministic: centroids start at evenly spaced quantiles; Lloyd iterations run on the sorted
+    values with prefix sums (in 1-D each cluster is a contiguous run between the midpoints of
+    sorted centroids), so one iteration costs O(k log n). Used both by the Core ML palettization
+    (as coremltools' custom LUT function) and by its PyTorch emulation.
     """
     flat = np.asarray(val, dtype=np.float64).reshape(-1)
     k = 1 << nbits
@@ -767,28 +794,25 @@ def kmeans_lut(val: np.ndarray, nbits: int, iters: int = 40) -> tuple[np.ndarray
     if len(uniq) <= k:
         lut = np.zeros(k, np.float64)
         lut[: len(uniq)] = uniq
+        lut[len(uniq):] = uniq[-1]
         idx = np.searchsorted(uniq, flat)
         return lut.astype(val.dtype), idx.astype(np.uint8)
     xs = np.sort(flat)
+    cs = np.concatenate([[0.0], np.cumsum(xs)])
     cent = np.quantile(xs, (np.arange(k) + 0.5) / k)
     for _ in range(iters):
-        cent = np.unique(cent)
         bounds = (cent[1:] + cent[:-1]) / 2
-        assign = np.searchsorted(bounds, xs)
-        sums = np.bincount(assign, weights=xs, minlength=len(cent))
-        counts = np.bincount(assign, minlength=len(cent))
+        pos = np.concatenate([[0], np.searchsorted(xs, bounds), [len(xs)]])
+        counts = np.diff(pos)
+        sums = cs[pos[1:]] - cs[pos[:-1]]
         new = np.where(counts > 0, sums / np.maximum(counts, 1), cent)
-        if np.allclose(new, cent, rtol=0, atol=1e-12):
-            cent = new
+        new = np.sort(new)
+        if np.array_equal(new, cent):
             break
         cent = new
-    lut = np.zeros(k, np.float64)
-    lut[: len(cent)] = cent
-    if len(cent) < k:   # pad with copies of the last centroid (never selected)
-        lut[len(cent):] = cent[-1]
     bounds = (cent[1:] + cent[:-1]) / 2
     idx = np.searchsorted(bounds, flat)
-    return lut.astype(val.dtype), idx.astype(np.uint8)
+    return cent.astype(val.dtype), idx.astype(np.uint8)
 
 
 class _KMeansLut:
@@ -803,6 +827,9 @@ class _KMeansLut:
 
 def _linear_int8(w: np.ndarray, axis: int | None) -> np.ndarray:
     """coremltools' own linear symmetric int8 (per output channel on ``axis``) → dequantized."""
+    from ..exporters.coreml import _ct
+
+    _ct()  # import coremltools quietly first
     from coremltools.optimize import _utils as ou
     from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights as lq
 
@@ -845,15 +872,22 @@ def compress_torch_weights(gm, *, weights_bits: int | None, palettize: int | Non
                 axis_of[node.args[1].target] = 0
     done = {"tensors": 0, "elements": 0}
     with torch.no_grad():
-        named = dict(gm.named_parameters())
-        named.update(dict(gm.named_buffers()))
-        for n in gm.graph.nodes:
-            if n.op == "get_attr" and n.target not in named:
-                obj = gm
-                for part in n.target.split("."):
-                    obj = getattr(obj, part, None)
-                if isinstance(obj, torch.Tensor):
-                    named[n.target] = obj
+        named: dict[str, torch.Tensor] = {}
+        for n in gm.graph.nodes:   # the constants the program uses (folding leaves dead originals)
+            if n.op == "call_module":   # a traced (not exported) module: its conv/linear weights
+                mod = gm.get_submodule(n.target)
+                w = getattr(mod, "weight", None)
+                if isinstance(w, torch.Tensor) and f"{n.target}.weight" not in named:
+                    named[f"{n.target}.weight"] = w
+                    axis_of[f"{n.target}.weight"] = 1 if isinstance(mod, torch.nn.modules.conv._ConvTransposeNd) else 0
+                continue
+            if n.op != "get_attr" or not n.users or n.target in named:
+                continue
+            obj = gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, torch.Tensor):
+                named[n.target] = obj
         for name, tensor in named.items():
             if not tensor.is_floating_point() or tensor.numel() <= threshold:
                 continue
@@ -877,7 +911,7 @@ def _compress_coreml(target: _Target, weights, weights_bits, palettize, eval_set
     from ..passes import PassContext, run_passes
 
     seconds: dict[str, float] = {}
-    notes = ["Core ML cannot run on Linux: accuracy below is measured in PyTorch, with the same weight "
+    notes = ["Core ML cannot run on Linux: these accuracy figures are measured in PyTorch, with the same weight "
              "compression applied to the same BN-folded torch program (fp32 compute; the phone computes in fp16)"]
     t = time.perf_counter()
     labels_arg = None
@@ -983,7 +1017,7 @@ def evaluate(model: str, data: str | Path, *, res=None, weights: str | None = No
         raise EdgeExportError(f"--threads must be at least 1, got {threads}")
     if limit is not None and limit < 1:
         raise EdgeExportError(f"--limit must be at least 1, got {limit}")
-    target = resolve_target(model, res, weights)
+    target = resolve_target(model, res, weights, purpose="evaluate")
     root = Path(data).expanduser()
     ds = scan_labelled(root, labels, what="--data")
     desc = f"{target.name}'s head" if target.kind == "model" else f"{target.path.name}"

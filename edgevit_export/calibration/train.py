@@ -84,7 +84,7 @@ def _accuracy(model, x, y, batch: int = 256) -> float:
 
 
 def train_shapes(checkpoint: str | Path, *, model: str = "shvit_s1", res: int = 64, per_class: int = 200,
-                 val_per_class: int = 40, epochs: int = 6, batch: int = 64, lr: float = 3e-3,
+                 val_per_class: int = 40, epochs: int = 10, batch: int = 128, lr: float = 8e-3,
                  weight_decay: float = 0.05, seed: int = 0, threads: int | None = None,
                  progress: Callable[[str, int, int], None] | None = None) -> TrainResult:
     """Train ``model`` with a 10-class head on drawn shapes; save ``{'model': state_dict}``.

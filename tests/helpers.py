@@ -1,0 +1,79 @@
+"""Plumbing shared by the model-family tests: ONNX parity against PyTorch, Core ML conversion,
+random checkpoints. Imported as ``from helpers import ...`` (pytest puts tests/ on sys.path:
+the folder has no ``__init__.py``, so the default import mode prepends it)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+import torch
+
+# tqdm reads its TQDM_* overrides when it is first imported, so set this before coremltools is.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@contextlib.contextmanager
+def _quiet():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def onnx_rel_error(model: torch.nn.Module | torch.export.ExportedProgram, x: torch.Tensor, path,
+                   *, program: torch.export.ExportedProgram | None = None) -> float:
+    """Export with ``torch.onnx.export(..., dynamo=True)`` to ``path``, run the file in onnxruntime
+    (CPU) and return ``max|ort − torch| / max|torch|``.
+
+    ``model`` is what is exported and what gives the PyTorch reference (an ExportedProgram is run
+    through ``.module()``). Pass ``program`` to export that instead while still comparing against
+    ``model``, e.g. a program the test has already inspected. Skips when onnxruntime is missing.
+    """
+    ort = pytest.importorskip("onnxruntime")
+    run = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    with torch.no_grad():
+        ref = run(x).numpy()
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        torch.onnx.export(program if program is not None else model, (x,), str(path), dynamo=True)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def coreml_convert(model: torch.nn.Module | torch.export.ExportedProgram, x: torch.Tensor | None = None):
+    """Convert to a Core ML ML Program (iOS16) and return the ``MLModel``.
+
+    A module is exported first: ``torch.export.export(model.eval(), (x,)).run_decompositions({})``;
+    an ExportedProgram (``x`` unused) only gets ``run_decompositions({})``. coremltools' import
+    and conversion output (progress bars, warnings) is swallowed. Skips when coremltools is missing.
+    """
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    with _quiet():
+        ct = pytest.importorskip("coremltools")
+    if isinstance(model, torch.export.ExportedProgram):
+        ep = model.run_decompositions({})
+    else:
+        ep = torch.export.export(model.eval(), (x,)).run_decompositions({})
+    with _quiet():
+        return ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
+
+
+def random_state_dict(shapes: Iterable[tuple[str, tuple]], *, seed: int,
+                      batches_tracked: int) -> dict[str, torch.Tensor]:
+    """A checkpoint with the given keys and shapes and random values: ``num_batches_tracked`` set
+    to ``batches_tracked``, running variances in [0.5, 1.5), everything else N(0, 0.1²)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in shapes:
+        if k.endswith("num_batches_tracked"):
+            sd[k] = torch.tensor(batches_tracked)
+        elif k.endswith("running_var"):
+            sd[k] = torch.rand(shape, generator=g) + 0.5
+        else:
+            sd[k] = torch.randn(shape, generator=g) * 0.1
+    return sd

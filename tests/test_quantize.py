@@ -1,0 +1,450 @@
+"""Quantization with calibration and an accuracy-drop gate: `quantize`, `evaluate`.
+
+A random-init model's accuracy means nothing, so these tests train SHViT-S1 (10 classes, 64 px)
+on the procedurally drawn shapes once per session — cached under `.edgevit-cache/` (git-ignored)
+keyed by the code that makes it — and quantize that real classifier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgevit_export.calibration import accuracy as acc
+from edgevit_export.calibration import data as cdata
+from edgevit_export.calibration import quantize as q
+from edgevit_export.calibration.shapes import CLASSES, draw, write_shapes
+from edgevit_export.calibration.train import TEST_SEED, TRAIN_SEED, draw_size, train_shapes
+from edgevit_export.exporters.artifacts import sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "edgevit_export"
+TRAIN = dict(model="shvit_s1", res=64, per_class=200, epochs=10, batch=128, lr=8e-3, seed=0)
+THREADS = "1"   # one onnxruntime/torch thread: robust on a shared, busy 2-core machine
+
+
+def _digest(files: list[Path], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)   # concurrent sessions wait for one training
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """SHViT-S1 trained on drawn shapes + calibration/held-out folders + its float ONNX (cached)."""
+    from edgevit_export import api
+
+    cache = ROOT / ".edgevit-cache"
+    key = _digest([PKG / "calibration" / f for f in ("shapes.py", "train.py", "data.py")] +
+                  [PKG / "models" / "shvit.py"], json.dumps(TRAIN, sort_keys=True) + torch.__version__)
+    d = cache / f"quantize-{key}"
+    ckpt = d / "shvit_s1-shapes-64.pth"
+    with _locked(cache / f"quantize-{key}.lock"):
+        if not (d / "done").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            r = train_shapes(ckpt, **TRAIN)
+            write_shapes(d / "calib", 20, size=draw_size(64), seed=TRAIN_SEED)   # 200 training-like images
+            write_shapes(d / "test", 100, size=draw_size(64), seed=TEST_SEED)   # 1,000 held-out images
+            (d / "train.json").write_text(json.dumps({"val_top1": r.val_top1, "seconds": r.seconds,
+                                                      "history": r.history}))
+            (d / "done").touch()
+        # the float ONNX depends on the exporter too: its own key, re-exported when that code changes
+        ekey = _digest(sorted((PKG / "exporters").glob("*.py")) + sorted((PKG / "passes").glob("*.py")) +
+                       [PKG / "api.py"], "")
+        onnx_path = d / f"float-{ekey}" / "shvit_s1-64.onnx"
+        if not onnx_path.exists():
+            api.export("shvit_s1", format="onnx", res=64, weights=str(ckpt), out=onnx_path.parent, force=True)
+    return SimpleNamespace(dir=d, ckpt=ckpt, calib=d / "calib", test=d / "test", onnx=onnx_path,
+                           train=json.loads((d / "train.json").read_text()))
+
+
+def _manifest(out: Path, name: str = "shvit_s1-64.int8.json") -> dict:
+    return json.loads((out / name).read_text())
+
+
+def _one_line_error(res, message: str) -> None:
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.fixture(scope="session")
+def int8_run(trained, tmp_path_factory):
+    """The headline run: per-channel int8 QDQ of the trained classifier, gated at 1 point."""
+    from typer.testing import CliRunner
+
+    from edgevit_export.cli import app
+
+    out = tmp_path_factory.mktemp("int8")
+    res = CliRunner().invoke(app, [str(a) for a in (
+        "quantize", trained.onnx, "--calib", trained.calib, "--calib-size", 128, "--eval", trained.test,
+        "--max-drop", 1.0, "--keep-float", "auto", "--per-channel", "--out", out, "--threads", THREADS)])
+    return SimpleNamespace(res=res, out=out, manifest=_manifest(out) if (out / "shvit_s1-64.int8.json").exists()
+                           else None)
+
+
+# --- the headline: a real classifier, int8, ≤ 1 point -----------------------------------------
+
+def test_trained_classifier_is_accurate(trained, int8_run):
+    m = int8_run.manifest
+    assert m is not None, int8_run.res.output
+    assert m["metrics"]["labelled"] and m["evaluation"]["images"] == 1000
+    assert m["metrics"]["float"]["top1"] >= 90.0, m["metrics"]
+
+
+def test_int8_per_channel_drops_at_most_one_point(trained, int8_run):
+    res, m = int8_run.res, int8_run.manifest
+    assert res.exit_code == 0, res.output
+    f, i8 = m["metrics"]["float"]["top1"], m["metrics"]["quantized"]["top1"]
+    print(f"\nfloat top-1 {f:.2f}%  int8 top-1 {i8:.2f}%  drop {f - i8:.2f} pts  "
+          f"(before keep-float: {m['metrics_before_keep_float'] and m['metrics_before_keep_float']['drop']}; "
+          f"kept float: {m['quantization']['excluded_nodes']}; "
+          f"agreement {m['metrics']['agreement']['top1_agree']:.1f}%, "
+          f"SQNR {m['metrics']['agreement']['sqnr_db']:.1f} dB)")
+    assert f - i8 <= 1.0 + 1e-9 and m["gate"]["passed"] and m["gate"]["max_drop"] == 1.0
+    # what the user sees: the table and the gate line
+    assert "top-1" in res.output and "PASS top-1 drop (points)" in res.output and "wrote" in res.output
+    # the manifest says how it was made
+    qz, cal = m["quantization"], m["calibration"]
+    assert qz["method"] == "minmax" and qz["per_channel"] is True and qz["keep_float"] == "auto"
+    assert cal["images"] == 128 and len(cal["files_sha256"]) == 64 and not cal["synthetic"]
+    assert m["sha256"] == sha256(int8_run.out / "shvit_s1-64.int8.onnx")
+    assert m["sensitivity"] and all("sqnr_db" in s and s["nodes"] for s in m["sensitivity"])
+
+
+def test_int8_artifact_is_qdq_and_smaller(trained, int8_run):
+    path = int8_run.out / "shvit_s1-64.int8.onnx"
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 50 and ops.count("DequantizeLinear") > 50
+    assert path.stat().st_size < 0.4 * trained.onnx.stat().st_size
+    # per-channel: conv weights carry one scale per output channel
+    inits = {i.name: i for i in model.graph.initializer}
+    scales = [inits[n.input[1]] for n in model.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") and n.input[1] in inits]
+    assert any(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)
+    assert not list(int8_run.out.glob(".edgevit-tmp-*"))   # staging cleaned up
+
+
+def test_evaluate_model_and_artifact(cli, trained, int8_run):
+    res = cli("evaluate", "shvit_s1", "--res", 64, "--weights", trained.ckpt, "--data", trained.test,
+              "--limit", 300, "--threads", THREADS)
+    assert res.exit_code == 0, res.output
+    assert "top-1 per class" in res.output and "star" in res.output
+    r_pt = q.evaluate("shvit_s1", trained.test, res=64, weights=str(trained.ckpt), limit=300, threads=1)
+    r_i8 = q.evaluate(str(int8_run.out / "shvit_s1-64.int8.onnx"), trained.test, limit=300, threads=1)
+    assert r_pt.kind == "pytorch" and r_i8.kind == "onnx" and r_pt.topk.images == r_i8.topk.images == 300
+    assert r_pt.topk.top1 >= 90 and abs(r_pt.topk.top1 - r_i8.topk.top1) <= 3.0
+    # a folder with other classes than the head: one line, exit 2
+    other = trained.dir.parent / f"three-classes-{os.getpid()}"
+    try:
+        for c in ("a", "b", "c"):
+            (other / c).mkdir(parents=True, exist_ok=True)
+            shutil.copy(next((trained.test / CLASSES[0]).iterdir()), other / c / "x.png")
+        _one_line_error(cli("evaluate", int8_run.out / "shvit_s1-64.int8.onnx", "--data", other),
+                        "has 3 classes but shvit_s1-64.int8.onnx predicts 10")
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+# --- keep-float and the gate ---------------------------------------------------------------------
+
+def test_keep_float_auto_steps_then_gate_exits_1(cli, trained, tmp_path):
+    """No labels and --max-drop 0: the gate is top-1 disagreement; auto keeps the worst nodes in
+    float one candidate at a time, reports them, and exits 1 when the gate still fails."""
+    res = cli("quantize", trained.onnx, "--calib", trained.calib, "--calib-size", 48, "--eval-size", 100,
+              "--max-drop", 0, "--keep-float", "auto", "--keep-float-max", 2, "--sensitivity", 4,
+              "--out", tmp_path, "--threads", THREADS)
+    m = _manifest(tmp_path)
+    assert m["gate"]["metric"] == "top-1 disagreement with float (%)"
+    assert m["evaluation"]["labelled"] is False and "not used for calibration" in m["evaluation"]["note"]
+    if m["metrics_before_keep_float"] is None:          # int8 agreed with float on every image
+        assert res.exit_code == 0 and m["gate"]["drop"] == 0
+        return
+    steps = m["quantization"]["keep_float_steps"]
+    assert 1 <= len(steps) <= 2 and m["quantization"]["excluded_nodes"] == [n for s in steps for n in s["added"]]
+    assert "kept in float" in res.output
+    # the nodes kept float are float in the artifact: no DequantizeLinear feeds their weights
+    model = onnx.load(str(tmp_path / "shvit_s1-64.int8.onnx"))
+    by_name = {n.name: n for n in model.graph.node}
+    produced_by_dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    for name in m["quantization"]["excluded_nodes"]:
+        node = by_name[name]
+        if node.op_type == "Conv":
+            assert node.input[1] not in produced_by_dq
+    if m["gate"]["passed"]:
+        assert res.exit_code == 0
+    else:
+        assert res.exit_code == 1 and "check failed:" in res.output and "kept for inspection" in res.output
+        assert (tmp_path / "shvit_s1-64.int8.onnx").exists()   # a failed gate keeps the artifact
+
+
+def test_manual_keep_float_and_unknown_node(cli, trained, int8_run, tmp_path):
+    worst = int8_run.manifest["sensitivity"][0]["nodes"]
+    res = cli("quantize", trained.onnx, "--calib", trained.calib, "--calib-size", 16, "--eval", trained.test,
+              "--eval-size", 50, "--sensitivity", 0, "--keep-float", ",".join(worst), "--max-drop", 100,
+              "--out", tmp_path, "--threads", THREADS)
+    assert res.exit_code == 0, res.output
+    assert _manifest(tmp_path)["quantization"]["excluded_nodes"] == worst
+    res = cli("quantize", trained.onnx, "--calib", trained.calib, "--keep-float", "node_does_not_exist",
+              "--out", tmp_path / "x", "--threads", THREADS)
+    _one_line_error(res, "--keep-float: no node named 'node_does_not_exist'")
+    assert not list((tmp_path / "x").glob("*.onnx"))
+
+
+# --- data the user gets wrong ----------------------------------------------------------------
+
+def test_non_images_and_corrupt_images_are_skipped_and_named(cli, trained, tmp_path):
+    calib = tmp_path / "calib"
+    for k, cls in enumerate(CLASSES[:4]):          # any nesting
+        sub = calib / "deep" / cls if k % 2 else calib / cls
+        sub.mkdir(parents=True)
+        for f in sorted((trained.calib / cls).iterdir())[:5]:
+            shutil.copy(f, sub / f.name)
+    (calib / "README.txt").write_text("not an image")
+    (calib / "deep" / "labels.csv").write_text("a,b\n")
+    (calib / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    good = next((trained.calib / CLASSES[0]).iterdir()).read_bytes()
+    (calib / "deep" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    out = tmp_path / "out"
+    res = cli("quantize", trained.onnx, "--calib", calib, "--calib-size", 64, "--eval", trained.test,
+              "--eval-size", 50, "--sensitivity", 0, "--max-drop", 100, "--out", out, "--threads", THREADS)
+    assert res.exit_code == 0, res.output
+    assert "calibration: skipped 2 non-image files" in res.output
+    assert "skipped corrupt image" in res.output and "broken.png" in res.output and "truncated.jpg" in res.output
+    cal = _manifest(out)["calibration"]
+    assert cal["images"] == 20 and cal["requested"] == 64 and cal["non_image_files_skipped"] == 2
+    assert {Path(c["path"]).name for c in cal["corrupt_skipped"]} == {"broken.png", "truncated.jpg"}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "no images in calibration folder"),
+    ("missing", "calibration folder not found"),
+    ("file", "is not a folder"),
+    ("only_text", "found 2 non-image files"),
+    ("unreadable", "cannot read calibration folder"),
+    ("all_corrupt", "no readable calibration images"),
+])
+def test_bad_calibration_folder_one_line_exit_2(cli, trained, tmp_path, monkeypatch, case, message):
+    calib = tmp_path / "calib"
+    if case != "missing":
+        calib.mkdir()
+    if case == "file":
+        calib.rmdir()
+        calib.write_text("x")
+    elif case == "only_text":
+        (calib / "a.txt").write_text("x")
+        (calib / "b.json").write_text("{}")
+    elif case == "unreadable":
+        if os.geteuid() != 0:
+            calib.chmod(0)
+        else:   # root reads anything: make the folder unreadable the way a permission error looks
+            real = os.scandir
+
+            def scandir(p="."):
+                if Path(p) == calib:
+                    raise PermissionError(13, "Permission denied", str(p))
+                return real(p)
+            monkeypatch.setattr(cdata.os, "scandir", scandir)
+    elif case == "all_corrupt":
+        (calib / "a.png").write_bytes(b"not a png")
+        (calib / "b.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    try:
+        res = cli("quantize", trained.onnx, "--calib", calib, "--eval", trained.test, "--out", out,
+                  "--threads", THREADS)
+    finally:
+        if case == "unreadable" and os.geteuid() != 0:
+            calib.chmod(0o755)
+    _one_line_error(res, message)
+    assert not out.exists() or not [p for p in out.rglob("*")]   # no partial artifact
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--max-drop", "-0.5"), "--max-drop must be a non-negative number"),
+    (("--max-drop", "nan"), "--max-drop must be a non-negative number"),
+    (("--method", "kl"), "unknown --method 'kl'"),
+    (("--palettize", "4"), "apply to --format coreml"),
+    (("--format", "coreml", "--palettize", "5"), "--palettize takes 4, 6 or 8 bits"),
+    (("--format", "coreml", "--keep-float", "auto"), "--keep-float applies to --format onnx"),
+    (("--calib-size", "0"), "--calib-size must be at least 1"),
+    (("--eval", "THREE", "--labels", "LABELS3"), "lists 3 classes but shvit_s1's head predicts 10"),
+    (("--eval", "THREE"), "has 3 classes but shvit_s1's head predicts 10; pass --labels FILE"),
+    (("--res", "100"), "cannot take 100x100"),
+    (("--calib", "NONE"), "needs calibration images: pass --calib DIR"),
+])
+def test_bad_flags_one_line_exit_2_before_any_work(cli, trained, tmp_path, args, message):
+    three = tmp_path / "three"
+    for c in ("a", "b", "c"):
+        (three / c).mkdir(parents=True)
+        shutil.copy(next((trained.test / CLASSES[0]).iterdir()), three / c / "x.png")
+    labels3 = tmp_path / "labels.txt"
+    labels3.write_text("a\nb\nc\n")
+    args = [str(three) if a == "THREE" else str(labels3) if a == "LABELS3" else a for a in args]
+    base = ["quantize", "shvit_s1", "--weights", trained.ckpt]
+    if "--res" not in args:
+        base += ["--res", 64]
+    if "--calib" in args:
+        args = []                               # no --calib at all
+    else:
+        base += ["--calib", trained.calib]
+    out = tmp_path / "out"
+    res = cli(*base, *args, "--out", out)
+    _one_line_error(res, message)
+    assert not out.exists()   # rejected before the export, nothing written
+
+
+def test_synthetic_calibration_is_said_loudly_and_unlabelled_eval_compares(cli, trained, tmp_path):
+    flat = tmp_path / "flat"          # images without class folders: agreement with float, not accuracy
+    flat.mkdir()
+    for cls in CLASSES[:6]:
+        for f in sorted((trained.test / cls).iterdir())[:2]:
+            shutil.copy(f, flat / f"{cls}-{f.name}")
+    res = cli("quantize", trained.onnx, "--calib", "synthetic", "--calib-size", 8, "--eval", flat,
+              "--sensitivity", 0, "--max-drop", 100, "--out", tmp_path / "out", "--threads", THREADS)
+    assert res.exit_code == 0, res.output
+    assert "synthetic" in res.output.lower() and "not for shipping" in res.output
+    m = _manifest(tmp_path / "out")
+    assert m["calibration"]["synthetic"] is True and m["calibration"]["images"] == 8
+    assert any(n.startswith("SYNTHETIC") for n in m["notes"])
+    assert m["evaluation"]["labelled"] is False and m["evaluation"]["images"] == 12
+    assert m["metrics"]["float"] is None and 0 <= m["metrics"]["agreement"]["top1_agree"] <= 100
+    assert "top-1 disagreement with float" in res.output
+
+
+def test_existing_artifact_needs_force(cli, trained, int8_run):
+    res = cli("quantize", trained.onnx, "--calib", trained.calib, "--out", int8_run.out)
+    _one_line_error(res, "already exists; pass --force")
+
+
+# --- units: data, metrics, weight compression ------------------------------------------------
+
+def test_preprocess_resizes_shorter_side_and_center_crops():
+    from PIL import Image
+
+    pre = cdata.Preprocess((224, 224), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    img = Image.new("RGB", (512, 256), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 128, 256))   # a blue band on the left, cropped away by the center crop
+    x = pre.image(img)
+    assert x.shape == (3, 224, 224) and x.dtype == np.float32
+    assert np.allclose(x[0], 2.0, atol=1e-4) and np.allclose(x[2], -2.0, atol=1e-4)   # (1-.5)/.25, (0-.5)/.25
+    assert "resize shorter side to 256" in pre.describe()
+    raw = cdata.Preprocess((64, 64), (0.5,) * 3, (0.25,) * 3, raw_scale=255.0).image(img)
+    assert raw.max() == pytest.approx(255.0)
+
+
+def test_labelled_folder_order_sorted_or_from_labels_file(tmp_path):
+    for c in ("zebra", "apple", "mango"):
+        (tmp_path / c / "nested").mkdir(parents=True)
+        draw("circle", 32, 0, 0).save(tmp_path / c / "nested" / "i.png")
+    (tmp_path / "apple" / "notes.txt").write_text("x")
+    ds = cdata.scan_labelled(tmp_path)
+    assert ds.classes == ["apple", "mango", "zebra"] and ds.non_images == 1
+    assert [ds.classes[y] for y in ds.labels] == ["apple", "mango", "zebra"]
+    lf = tmp_path.parent / f"{tmp_path.name}-labels.txt"
+    lf.write_text("zebra\nmango\napple\nkiwi\n")
+    ds = cdata.scan_labelled(tmp_path, lf)
+    assert ds.classes[:3] == ["zebra", "mango", "apple"] and len(ds.classes) == 4
+    assert [ds.classes[y] for y in ds.labels] == ["apple", "mango", "zebra"]
+    lf.write_text("zebra\napple\n")
+    with pytest.raises(cdata.DataError, match="'mango' that is not in --labels"):
+        cdata.scan_labelled(tmp_path, lf)
+
+
+def test_shapes_are_deterministic_and_distinct():
+    a, b = np.asarray(draw("star", 48, 7, 3)), np.asarray(draw("star", 48, 7, 3))
+    assert (a == b).all() and a.shape == (48, 48, 3)
+    assert not (a == np.asarray(draw("star", 48, 8, 3))).all()
+    assert CLASSES == tuple(sorted(CLASSES)) and len(CLASSES) == 10
+
+
+def test_agreement_and_topk_figures():
+    ref = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    assert acc.agreement(ref, ref).sqnr_db == float("inf")
+    a = acc.agreement(ref, ref * 1.1)
+    assert a.top1_agree == 100 and a.cosine == pytest.approx(1.0) and a.sqnr_db == pytest.approx(20.0)
+    t = acc.top_k(ref, np.array([0, 2]))
+    assert t.top1 == 50.0 and t.top5 == 100.0 and t.k == 3
+    c = acc.compare(ref, ref[:, [1, 0, 2]], np.array([0, 1]))
+    assert c.drop == 100.0 and c.labelled
+
+
+def test_kmeans_palette_is_a_palette():
+    w = np.random.default_rng(0).standard_normal((64, 32, 3, 3)).astype(np.float32)
+    for bits in (4, 6):
+        lut, idx = q.kmeans_lut(w, bits)
+        assert lut.shape == (1 << bits,) and idx.dtype == np.uint8 and idx.size == w.size
+        deq = lut[idx].reshape(w.shape)
+        assert len(np.unique(deq)) <= 1 << bits
+        assert acc.sqnr_db(w, deq) > (18 if bits == 4 else 28)
+    lut2, idx2 = q.kmeans_lut(w, 4)
+    assert (lut2 == q.kmeans_lut(w, 4)[0]).all()     # deterministic
+
+
+def test_torch_int8_weights_match_coremltools():
+    """The PyTorch emulation uses coremltools' own per-channel int8 routine."""
+    from coremltools.optimize import _utils as ou
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights as lq
+
+    conv = torch.nn.Conv2d(64, 128, 3)
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(conv))
+    w = conv.weight.detach().numpy().copy()
+    counts = q.compress_torch_weights(gm, weights_bits=8, palettize=None)
+    assert counts["tensors"] == 1
+    p = lq.blockwise_compress(w, nbits=8, mode="LINEAR_SYMMETRIC", signed=True, block_sizes=[1, 0, 0, 0])
+    ref = ou.dequantize_by_scale_and_zp(p.data, p.scale, p.offset)
+    got = dict(gm.named_parameters())["0.weight"].detach().numpy()
+    assert np.array_equal(got, ref.astype(np.float32)) and not np.array_equal(got, w)
+    assert acc.sqnr_db(w, got) > 35
+
+
+# --- slow: the model-name flow (exports itself) and Core ML ------------------------------------
+
+@pytest.mark.slow
+def test_quantize_model_name_exports_then_quantizes(cli, trained, tmp_path):
+    res = cli("quantize", "shvit_s1", "--res", 64, "--weights", trained.ckpt, "--calib", trained.calib,
+              "--calib-size", 64, "--eval", trained.test, "--eval-size", 300, "--out", tmp_path, "--threads", THREADS)
+    assert res.exit_code in (0, 1), res.output
+    m = _manifest(tmp_path)
+    assert m["source"]["kind"] == "model" and m["source"]["weights"] == str(trained.ckpt)
+    assert m["source"]["random_init"] is False and m["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shvit_s1-64.int8.json", "shvit_s1-64.int8.onnx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, suffix", [(("--weights-bits", "8"), "w8"), (("--palettize", "6"), "pal6")])
+def test_coreml_weight_compression_measured_in_pytorch(cli, trained, tmp_path, flags, suffix):
+    res = cli("quantize", "shvit_s1", "--res", 64, "--weights", trained.ckpt, "--format", "coreml", *flags,
+              "--eval", trained.test, "--eval-size", 300, "--out", tmp_path, "--threads", THREADS)
+    assert res.exit_code == 0, res.output
+    assert "measured in PyTorch" in res.output
+    m = _manifest(tmp_path, f"shvit_s1-64.{suffix}.coreml.json")
+    assert (tmp_path / f"shvit_s1-64.{suffix}.mlpackage").is_dir()
+    assert m["sizes"]["compressed_bytes"] < 0.6 * m["sizes"]["float_bytes"]
+    assert m["metrics"]["float"]["top1"] - m["metrics"]["quantized"]["top1"] <= 1.0
+    assert m["sizes"]["torch_tensors_compressed"] > 50

@@ -1,0 +1,51 @@
+"""Every model of the zoo exports to ONNX and Core ML and matches PyTorch.
+
+The fast tier exports one model per family at a small resolution; the slow tier (`make test-all`)
+sweeps every model at 224, 512 and 1024 in both formats.
+"""
+
+import pytest
+
+from edgevit_export import api
+
+
+def _family_representatives():
+    from edgevit_export.registry import get_model_info, list_models
+
+    seen = {}
+    for n in list_models():
+        info = get_model_info(n)
+        seen.setdefault(info.family, (n, max(64, info.min_res)))
+    return sorted(seen.values())
+
+
+def _export_and_check(name, res, fmt, tmp_path):
+    r = api.export(name, format=fmt, res=res, out=tmp_path)
+    assert r.passed, r.checks
+    assert r.checks["parity"]["max_rel"] <= 1e-4
+    if fmt == "coreml":
+        assert r.checks["structure"]["max_rank"] <= 5
+    return r
+
+
+@pytest.mark.slow  # the family test files check raw ONNX parity in the fast tier
+@pytest.mark.parametrize("name, res", _family_representatives())
+def test_one_model_per_family_onnx(name, res, tmp_path):
+    _export_and_check(name, res, "onnx", tmp_path)
+
+
+@pytest.mark.parametrize("name, res", [m for m in _family_representatives() if not m[0].startswith("shvit")])
+def test_one_model_per_family_coreml(name, res, tmp_path):
+    _export_and_check(name, res, "coreml", tmp_path)
+
+
+def _sweep():
+    from edgevit_export.registry import list_models
+
+    return [(n, r, f) for n in list_models() for r in (224, 512, 1024) for f in ("onnx", "coreml")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, res, fmt", _sweep())
+def test_zoo_sweep(name, res, fmt, tmp_path):
+    _export_and_check(name, res, fmt, tmp_path)
