@@ -52,18 +52,31 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _drop_stale(cache: Path, keep: Path, hours: float = 6.0) -> None:
+    """Remove trained sets of older code versions (untouched for a while: not in use elsewhere)."""
+    import time
+
+    for old in cache.glob("quantize-*"):
+        if old != keep and old.is_dir() and time.time() - old.stat().st_mtime > hours * 3600:
+            shutil.rmtree(old, ignore_errors=True)
+            old.with_name(old.name + ".lock").unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def trained():
     """SHViT-S1 trained on drawn shapes + calibration/held-out folders + its float ONNX (cached)."""
     from edgevit_export import api
 
     cache = ROOT / ".edgevit-cache"
-    key = _digest([PKG / "calibration" / f for f in ("shapes.py", "train.py", "data.py")] +
-                  [PKG / "models" / "shvit.py"], json.dumps(TRAIN, sort_keys=True) + torch.__version__)
+    import inspect
+
+    key = _digest([PKG / "calibration" / f for f in ("shapes.py", "train.py")] + [PKG / "models" / "shvit.py"],
+                  json.dumps(TRAIN, sort_keys=True) + torch.__version__ + inspect.getsource(cdata.Preprocess))
     d = cache / f"quantize-{key}"
     ckpt = d / "shvit_s1-shapes-64.pth"
     with _locked(cache / f"quantize-{key}.lock"):
         if not (d / "done").exists():
+            _drop_stale(cache, keep=d)
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
             r = train_shapes(ckpt, **TRAIN)
@@ -448,3 +461,14 @@ def test_coreml_weight_compression_measured_in_pytorch(cli, trained, tmp_path, f
     assert m["sizes"]["compressed_bytes"] < 0.6 * m["sizes"]["float_bytes"]
     assert m["metrics"]["float"]["top1"] - m["metrics"]["quantized"]["top1"] <= 1.0
     assert m["sizes"]["torch_tensors_compressed"] > 50
+
+
+def test_train_shapes_demo_command(cli, tmp_path):
+    res = cli("train-shapes", "--out", tmp_path, "--per-class", 3, "--epochs", 1, "--threads", 1)
+    assert res.exit_code == 0, res.output
+    ckpt = tmp_path / "shvit_s1-shapes-64.pth"
+    sd = torch.load(ckpt, weights_only=True)["model"]
+    assert sd["head.l.weight"].shape[0] == 10
+    assert len(list((tmp_path / "test").rglob("*.png"))) == 1000 and "next: edgevit-export quantize" in res.output
+    again = cli("train-shapes", "--out", tmp_path, "--per-class", 3, "--epochs", 1)
+    _one_line_error(again, "already exists; pass --force")

@@ -224,7 +224,7 @@ def cached_export(name: str, hw: tuple[int, int], *, batch: int, passes: str, ca
 class Measurement:
     """Timed runs under a protocol. All figures in milliseconds per run (one run = one batch)."""
 
-    samples_ms: list[float]          # the runs kept (after per-round discards and trims)
+    samples_ms: list[float]          # the runs kept (after per-round discards and trims), in run order
     round_means_ms: list[float]      # one per round (one round unless the protocol has rounds)
     runs: int                        # kept runs
     runs_total: int                  # runs executed, warm-up and discarded ones included
@@ -320,8 +320,12 @@ def time_callable(make_run: Callable[[], Callable[[], object]], protocol: Protoc
             if rounds == 1 and len(samples) >= min_runs and budget.over():
                 stopped = i + 1 < runs
                 break
-        samples.sort()
-        cut = samples[trim:len(samples) - trim] if trim and len(samples) > 2 * trim else samples
+        if trim and len(samples) > 2 * trim:  # drop the fastest and slowest; keep run order
+            order = sorted(range(len(samples)), key=samples.__getitem__)
+            drop = set(order[:trim]) | set(order[len(samples) - trim:])
+            cut = [v for i, v in enumerate(samples) if i not in drop]
+        else:
+            cut = samples
         kept += cut
         round_means.append(float(np.mean(cut)))
         if rounds > 1 and budget.over() and r + 1 < rounds:
@@ -675,6 +679,7 @@ class MatmulPeak:
     sizes: list[int]
     gflops: list[float]            # median-run GFLOP/s per size (n×n @ n×n)
     median_ms: list[float]
+    p10_gflops: list[float] = field(default_factory=list)  # at the fastest decile's time (less hurt by a busy machine)
 
     @property
     def peak_gflops(self) -> float:
@@ -708,7 +713,7 @@ def measure_matmul_peak(threads: int = 2, sizes: tuple[int, ...] = (256, 512, 10
     the median run at each size, and the best size's figure as the peak."""
     from ..exporters.onnx import ort_session
 
-    gfl, med = [], []
+    gfl, med, fast = [], [], []
     for n in sizes:
         sess = ort_session(matmul_model(n), threads=threads)
         x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
@@ -725,4 +730,5 @@ def measure_matmul_peak(threads: int = 2, sizes: tuple[int, ...] = (256, 512, 10
         m = float(np.median(ts))
         med.append(m)
         gfl.append(2 * n ** 3 / (m / 1e3) / 1e9)
-    return MatmulPeak(threads, list(sizes), gfl, med)
+        fast.append(2 * n ** 3 / (float(np.percentile(ts, 10)) / 1e3) / 1e9)
+    return MatmulPeak(threads, list(sizes), gfl, med, fast)

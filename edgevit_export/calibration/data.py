@@ -158,7 +158,8 @@ class LabelledSet:
 def read_labels_file(path: str | Path) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DataError(f"--labels file not found: {p}; give a text file with one class (folder) name per line")
+        what = "not found" if not p.exists() else "is not a regular file"
+        raise DataError(f"--labels file {what}: {p}; give a text file with one class (folder) name per line")
     try:
         names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     except (UnicodeDecodeError, OSError) as e:

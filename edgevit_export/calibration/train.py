@@ -155,7 +155,8 @@ def train_shapes(checkpoint: str | Path, *, model: str = "shvit_s1", res: int = 
                 step += 1
                 step_cb("train", step, total)
             train_top1 = 100.0 * correct / max(1, seen)
-            history.append({"epoch": epoch + 1, "train_top1": round(train_top1, 2), "loss": round(float(loss.detach()), 4)})
+            history.append({"epoch": epoch + 1, "train_top1": round(train_top1, 2),
+                            "loss": round(float(loss.detach()), 4)})
         val_top1 = _accuracy(net, xv, yv)
         history[-1]["val_top1"] = round(val_top1, 2)
         net.eval()
