@@ -184,20 +184,18 @@ def render_passes(pipe) -> None:
     if not pipe.passes:
         console.print("[dim]passes: none[/]")
         return
-    refused = any(p.refused for p in pipe.passes)
     t = Table(title="op-rewrite passes (graph before → after)")
     for col in ("pass", "rewrites", "nodes", "reshape", "permute", "rank", "rel err"):
         t.add_column(col, justify="left" if col == "pass" else "right", no_wrap=True)
-    if refused:
-        t.add_column("refused because")
     for p in pipe.passes:
         b, a = p.before, p.after
         row = [p.name, str(p.changed), f"{b.nodes}→{a.nodes}", f"{b.reshape}→{a.reshape}",
                f"{b.permute}→{a.permute}", f"{b.max_rank}→{a.max_rank}", f"{p.max_rel_err:.0e}"]
-        if refused:
-            row.append(f"[yellow]{p.refused or ''}[/]")
         t.add_row(*row)
     console.print(t)
+    for p in pipe.passes:
+        if p.refused:
+            console.print(f"[yellow]pass {p.name} refused:[/] {p.refused}", highlight=False)
 
 
 def render_checks(checks: dict) -> None:
