@@ -172,7 +172,9 @@ def export(
                   f"  [dim]{time.perf_counter() - started:.1f}s in all[/]")
     if not r.passed:
         failed = [k for k, c in r.checks.items() if not c.get("passed", True)]
-        raise CheckFailed(f"{', '.join(failed)} did not pass (artifact kept for inspection: {r.artifact})")
+        hint = ("; the model loses accuracy in fp16 — export with --precision fp32"
+                if failed == ["parity_fp16"] else "")
+        raise CheckFailed(f"{', '.join(failed)} did not pass (artifact kept for inspection: {r.artifact}){hint}")
 
 
 def _size(p: Path) -> str:
