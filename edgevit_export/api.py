@@ -277,11 +277,16 @@ class ModelSummary:
 
 
 def summarize(name: str, res=None) -> ModelSummary:
-    info = get_model_info(name)
+    return _summary(get_model_info(name), res)[0]
+
+
+def _summary(info: ModelInfo, res) -> tuple[ModelSummary, tuple[int, int], torch.nn.Module]:
+    """Params and MACs measured on a meta-device skeleton of the model (no weights needed)."""
     hw = parse_resolution(res, info)
     model = skeleton(info.builder)
-    return ModelSummary(name, info.family, info.paper, info.default_res, count_params(model),
-                        count_macs(model, hw), info.paper_params_m, info.paper_macs_m, info.paper_top1)
+    s = ModelSummary(info.name, info.family, info.paper, info.default_res, count_params(model),
+                     count_macs(model, hw), info.paper_params_m, info.paper_macs_m, info.paper_top1)
+    return s, hw, model
 
 
 @dataclass
@@ -296,10 +301,7 @@ def info(name: str, res=None) -> ModelReport:
     from .measure import stage_shapes
 
     meta = get_model_info(name)
-    hw = parse_resolution(res, meta)
-    model = skeleton(meta.builder)
-    s = ModelSummary(name, meta.family, meta.paper, meta.default_res, count_params(model), count_macs(model, hw),
-                     meta.paper_params_m, meta.paper_macs_m, meta.paper_top1)
+    s, hw, model = _summary(meta, res)
     return ModelReport(s, hw, stage_shapes(model, hw), meta)
 
 

@@ -64,11 +64,11 @@ def list_cmd(
 ):
     """Every model: family, params, MACs at default resolution, the paper's top-1."""
     from .api import summarize
-    from .registry import list_models
+    from .registry import get_model_info, list_models
 
     names = list_models()
     if family:
-        names = [n for n in names if summarize_family(n).lower() == family.lower()]
+        names = [n for n in names if get_model_info(n).family.lower() == family.lower()]
         if not names:
             raise EdgeExportError(f"no models in family '{family}'; run 'edgevit-export list' to see families")
     rows = []
@@ -88,12 +88,6 @@ def list_cmd(
         t.add_row(r.name, r.family, f"{r.params / 1e6:.2f}", f"{r.macs / 1e6:,.0f}", str(r.default_res),
                   _fmt_m(r.paper_params_m), _fmt_m(r.paper_macs_m, 0), _fmt_m(r.paper_top1))
     console.print(t)
-
-
-def summarize_family(name: str) -> str:
-    from .registry import get_model_info
-
-    return get_model_info(name).family
 
 
 @app.command()

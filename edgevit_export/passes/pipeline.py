@@ -57,12 +57,13 @@ class PipelineResult:
     example_input: torch.Tensor          # an input in the domain the rewritten program expects
     raw_input: bool = False              # normalize_input applied: the program takes raw pixels
     input_scale: float = 255.0
-    notes: list[str] = field(default_factory=list)
+    contract_passes: list[Pass] = field(default_factory=list)  # passes that changed the input contract
+    context: PassContext | None = None
 
     def reference_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the original model must be fed to match the rewritten program fed ``x``."""
-        for p in self._contract_passes:
-            x = p.reference_input(x, self._ctx)
+        for p in self.contract_passes:
+            x = p.reference_input(x, self.context)
         return x
 
 
@@ -116,18 +117,16 @@ def run_passes(ep: torch.export.ExportedProgram, names: list[str], ctx: PassCont
             results.append(PassResult(name, 0, before, before, max_rel_err=err,
                                       refused=f"rewrite changed the numbers (relative error {err:.2e} > {EXACT_TOL:g})"))
             continue
-        if x is not None and changed:  # the input contract changed (raw pixels from now on)
+        if x is not None:  # the input contract changed (raw pixels from now on)
             ctx.example_inputs = (x,)
             contract.append(p)
         cur_out = out
         results.append(PassResult(name, changed, before, graph_stats(gm), max_rel_err=err))
     with torch.no_grad():
         program = torch.export.export(gm, ctx.example_inputs) if names else ep
-    res = PipelineResult(program, results, start, results[-1].after if results else start,
-                         ctx.example_inputs[0], raw_input=bool(contract), input_scale=ctx.input_scale)
-    res._contract_passes = contract
-    res._ctx = ctx
-    return res
+    return PipelineResult(program, results, start, results[-1].after if results else start,
+                          ctx.example_inputs[0], raw_input=bool(contract), input_scale=ctx.input_scale,
+                          contract_passes=contract, context=ctx)
 
 
 def _flat(out):
