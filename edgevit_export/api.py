@@ -13,12 +13,12 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .errors import EdgeExportError
+from .errors import CheckFailed, EdgeExportError
 from .measure import count_macs, count_params, skeleton
 from .passes import PassContext, resolve_passes, run_passes
 from .passes.pipeline import PipelineResult
 from .registry import ModelInfo, create_model, get_model_info, parse_resolution
-from .weights import randomize_norm_stats
+from .weights import calibrate_norm_stats, randomize_norm_stats
 
 FORMATS = ("onnx", "coreml")
 ONNX_TOLERANCE = 1e-4
@@ -62,6 +62,8 @@ def prepare_model(name: str, res, weights: str | None, distilled: bool | None, s
     model = create_model(name, weights=weights, distilled=distilled, seed=seed)
     if weights is None:
         randomize_norm_stats(model, seed)
+        d = info.default_res  # calibrate at the export size, or the default one if that is larger (cost)
+        calibrate_norm_stats(model, hw if hw[0] * hw[1] <= d * d else (d, d), seed, info.mean, info.std)
     if hasattr(model, "prepare_for_export"):
         model.prepare_for_export()
     return info, hw, model.eval(), weights is None
@@ -134,7 +136,7 @@ def export(
         num_classes = _num_classes(model, example)
         coreml_backend.class_labels(num_classes, coreml_opts["labels"])  # wrong count → error now
         if not logits:  # a classifier reports probabilities: softmax is part of the program
-            model = WithSoftmax(model).eval()
+            model = WithSoftmax(model).eval()  # (the checks compare the logits before it)
     step("capture (torch.export)")
     ep = capture(model, example)
     timings["capture"] = time.perf_counter() - t0
@@ -145,6 +147,10 @@ def export(
     timings["passes"] = time.perf_counter() - t
     if format == "coreml" and pipe.after.max_rank > 5:
         _refuse_high_rank(pipe, pass_names)
+    contract = [p for p in pipe.passes if p.name == "normalize_input" and p.refused]
+    if contract:  # the image input would reach the network unnormalised: never ship that
+        raise CheckFailed(f"normalize_input could not be proven exact on this network ({contract[0].refused}); "
+                          f"nothing was written — export with --tensor-input and normalise in the app")
 
     checks: dict[str, dict] = {}
     with artifacts.staging(out_dir) as tmp:
@@ -172,8 +178,10 @@ def export(
             if format == "onnx":
                 checks["parity"] = _onnx_parity(staged, model, pipe).as_dict()
             else:
-                checks.update(coreml_backend.check(staged, model, pipe, precision=coreml_opts["precision"],
-                                                   tensor_input=tensor_input, logits=logits))
+                base = model.model if isinstance(model, WithSoftmax) else model
+                checks.update(coreml_backend.check(staged, base, pipe, precision=coreml_opts["precision"],
+                                                   tensor_input=tensor_input, logits=logits,
+                                                   gate_fp16=not random_init))
         timings["check"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -194,6 +202,7 @@ def export(
                               "input_range": f"0-{pipe.input_scale:g}" if pipe.raw_input else "normalized"},
             "io": io,
             "passes": [p.as_dict() for p in pipe.passes],
+            "pass_tolerance": pipe.tolerance,
             "graph": {"before": pipe.before.as_dict(), "after": pipe.after.as_dict()},
             "backend": backend,
             "checks": checks,

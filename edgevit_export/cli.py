@@ -198,10 +198,14 @@ def render_checks(checks: dict) -> None:
     for name, c in checks.items():
         ok = c.get("passed", True)
         mark = "[green]PASS[/]" if ok else "[red]FAIL[/]"
+        if c.get("gated") is False:
+            mark = "[cyan]INFO[/]"
         if "max_rel" in c:
             console.print(f"{mark} {name} vs {c.get('reference', 'pytorch')}: max abs {c['max_abs']:.2e}, "
                           f"max rel {c['max_rel']:.2e} (≤ {c['tolerance']:g}), cosine {c['cosine']:.6f}, "
                           f"top-1 agreement {c['top1_agree'] * 100:.0f}% over {c['samples']} inputs")
+            if c.get("note"):
+                console.print(f"     [dim]{c['note']}[/]", highlight=False)
         else:
             console.print(f"{mark} {name}: {c.get('summary', '')}")
 

@@ -138,17 +138,17 @@ def test_bench_an_onnx_file_and_torch_runtime(cli, s1_64, tmp_path):
     assert d["runtime"] == "torch" and d["results"][0]["source"] == "pytorch" and d["results"][0]["macs"] > 0
 
 
-def _plot_result() -> BenchResult:
+def _plot_result(resolutions=(224, 512, 1024), protocol="iphone12") -> BenchResult:
     timings = []
     for name, base in (("shvit_s4", 2.0), ("litv2_s", 6.0)):
-        for r in (224, 512, 1024):
+        for r in resolutions:
             ms = base * (r / 224) ** 2
             timings.append(Timing(model=name, res=(r, r), batch=1, runtime="ort", threads=2, source="export",
                                   path=None, headline_ms=ms, median_ms=ms, mean_ms=ms, p10_ms=0.9 * ms,
                                   p90_ms=1.2 * ms, q1_ms=ms, q3_ms=ms, min_ms=ms, max_ms=ms, runs=10,
                                   runs_total=20, rounds=1, warmup_runs=10, seconds=1.0, macs=int(1e9 * (r / 224) ** 2),
                                   macs_source="manifest"))
-    return BenchResult(protocol=PROTOCOLS["iphone12"], runtime="ort", threads=2, runs=10, passes="default",
+    return BenchResult(protocol=PROTOCOLS[protocol], runtime="ort", threads=2, runs=10, passes="default",
                        env=collect(2), timings=timings, cache_dir=None, seconds=1.0)
 
 
@@ -160,6 +160,18 @@ def test_plot_and_markdown_from_a_result(tmp_path):
     md = report.markdown_table(result)
     assert md.count("\n") == 2 + 6 and "| shvit_s4 | 1024 |" in md
     assert report.to_csv(result).count("\n") == 7
+
+
+def test_one_resolution_plots_a_ranking(tmp_path, monkeypatch):
+    """`bench all --res 224` plots models ranked (a one-point 'vs resolution' plot says nothing)."""
+    seen = []
+    monkeypatch.setattr(report, "_plot_ranking", lambda r, plt: seen.append(r) or report.plot_png(_plot_result()))
+    report.write_plot(_plot_result(resolutions=(224,), protocol="shvit-cpu"), tmp_path / "rank.png")
+    assert len(seen) == 1
+    monkeypatch.undo()
+    p = report.write_plot(_plot_result(resolutions=(224,), protocol="shvit-cpu"), tmp_path / "rank.png")
+    with Image.open(p) as im:
+        im.verify()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -30,16 +30,33 @@ def test_export_writes_artifact_and_manifest(s1_export):
 def test_onnx_matches_pytorch_on_fresh_input(s1_export):
     """Independent of the built-in check: run the file in onnxruntime against the same model."""
     from edgevit_export.exporters.onnx import ort_session
-    from edgevit_export.weights import randomize_norm_stats
+    from edgevit_export.weights import calibrate_norm_stats, randomize_norm_stats
 
     r, _ = s1_export
     model = create_model("shvit_s1")
     randomize_norm_stats(model, 0)
+    calibrate_norm_stats(model, (64, 64), 0)  # as export does without --weights
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(99))
     y = ort_session(r.artifact).run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["shvit_s1", "efficientvit_m0", "mobilenetv3_small_100", "fastvit_t8"])
+def test_random_init_output_depends_on_the_input(name):
+    """Without --weights the parity checks run on a random network; with random norm statistics
+    these nets' logits barely depend on the image (SHViT-S1: 0.08% of the output), which would
+    make the checks compare constants. Calibrated statistics make the image matter."""
+    _, _, model, random_init = api.prepare_model(name, 64, None, None)
+    assert random_init and not model.training
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(m.momentum == 0.1 for m in bns)  # calibration leaves the layers as it found them
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        ys = torch.cat([model(torch.randn(1, 3, 64, 64, generator=g)) for _ in range(4)])
+    varying = (ys - ys.mean(0)).abs().max() / ys.abs().max()
+    assert varying > 0.1, f"only {varying:.2%} of the output depends on the input"
 
 
 def test_passes_reduce_reshapes_and_bn(s1_export):

@@ -193,6 +193,52 @@ def test_pipeline_rolls_back_a_pass_that_changes_numbers(monkeypatch):
     _assert_same(r, m)
 
 
+class Nudges(Pass):
+    """Scales one conv's weights by 1 + 1e-3: a small but real change, not float reordering."""
+    name = "nudges"
+
+    def apply(self, gm, ctx):
+        from edgevit_export.passes.base import add_constant, constant_value
+
+        conv = next(n for n in gm.graph.nodes if n.op == "call_function" and "conv2d" in str(n.target))
+        args = list(conv.args)
+        args[1] = add_constant(gm, conv, constant_value(gm, args[1]) * (1 + 1e-3), "nudged")
+        conv.args = tuple(args)
+        return 1
+
+
+def test_tolerance_follows_the_networks_rounding_noise_but_not_further(monkeypatch):
+    """A network that amplifies rounding gets a proportionally looser bar, which still catches a
+    0.1% change in one layer; a well-behaved one is held to 1e-5."""
+    from edgevit_export.passes.pipeline import EXACT_TOL
+
+    monkeypatch.setitem(PASSES, "nudges", Nudges())
+    calm = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    r, p = _run(calm, torch.randn(1, 3, 4, 4), ["nudges"])
+    assert r.tolerance == EXACT_TOL and p.refused
+    torch.manual_seed(0)
+    loud = nn.Sequential(nn.Conv2d(3, 8, 1), *[nn.Sequential(nn.Conv2d(8, 8, 1), nn.Tanh()) for _ in range(6)])
+    with torch.no_grad():  # gain 3 per layer: rounding noise ×700 at the output, tanh keeps it finite
+        for m in loud.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(3 / m.weight.std() / (m.weight.shape[1] ** 0.5))
+    r, p = _run(loud, torch.randn(1, 3, 4, 4), ["nudges"])
+    assert r.tolerance > EXACT_TOL and p.refused, (r.tolerance, p.max_rel_err)
+
+
+def test_image_input_is_never_shipped_unnormalised(cli, tmp_path, monkeypatch):
+    """If normalize_input cannot be proven, the export stops (exit 1) and writes nothing."""
+    from edgevit_export.passes.normalize_input import NormalizeInput
+
+    monkeypatch.setattr(NormalizeInput, "_affine", lambda self, ctx: (torch.full((3,), 1 / 255.0, dtype=torch.float64),
+                                                                      torch.zeros(3, dtype=torch.float64)))
+    monkeypatch.setattr(NormalizeInput, "reference_input", lambda self, x, ctx: x)  # claims identity: a lie
+    res = cli("export", "shvit_s1", "--format", "coreml", "--res", "64", "--out", tmp_path)
+    assert res.exit_code == 1, res.output
+    assert "normalize_input could not be proven exact" in res.output and "--tensor-input" in res.output
+    assert not list(tmp_path.iterdir())
+
+
 ZOO_FAST = [("shvit_s1", 64), ("litv2_s", 64), ("edgevit_xxs", 64)]
 
 

@@ -36,7 +36,13 @@ def test_one_model_per_family_onnx(name, res, tmp_path):
 
 @pytest.mark.parametrize("name, res", [m for m in _family_representatives() if not m[0].startswith("shvit")])
 def test_one_model_per_family_coreml(name, res, tmp_path):
-    _export_and_check(name, res, "coreml", tmp_path)
+    r = _export_and_check(name, res, "coreml", tmp_path)
+    # fp16 program: only grid sampling (LITv2's deformable conv) and its coordinates stay fp32
+    fp32_ops = r.checks["structure"]["fp32_ops"]
+    if name.startswith("litv2"):
+        assert fp32_ops["resample"] == 3 and fp32_ops["conv"] == 3, fp32_ops  # 3 DTMs: sampler + offset conv
+    else:
+        assert fp32_ops == {}, fp32_ops
 
 
 def _sweep():

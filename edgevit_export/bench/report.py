@@ -126,7 +126,8 @@ def markdown_table(result: BenchResult) -> str:
 
 
 def plot_png(result: BenchResult) -> bytes:
-    """Latency against resolution per model (log-log, p10–p90 band), and achieved GFLOP/s."""
+    """Latency against resolution per model (log-log, p10–p90 band), and achieved GFLOP/s; with a
+    single resolution, a ranking instead (see :func:`_plot_ranking`)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -134,6 +135,8 @@ def plot_png(result: BenchResult) -> bytes:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+    if len({t.res for t in result.timings}) == 1 and len(result.timings) > 1:
+        return _plot_ranking(result, plt)
     by_model: dict[str, list[Timing]] = {}
     for t in result.timings:
         by_model.setdefault(t.model, []).append(t)
@@ -177,15 +180,77 @@ def plot_png(result: BenchResult) -> bytes:
     ax2.set_ylabel("achieved GFLOP/s (2 × MACs / time)")
     ax2.set_title("achieved throughput")
     ax2.set_ylim(bottom=0)
+    return _png(fig, plt, result, "\n")
+
+
+def _png(fig, plt, result: BenchResult, sep: str) -> bytes:
+    """Title the figure with protocol, runtime and machine, and render it."""
     env = result.env
     rt = "onnxruntime " + str(env.onnxruntime) if result.runtime == "ort" else "PyTorch " + str(env.torch)
-    fig.suptitle(f"edgevit-export bench · protocol {result.protocol.name} · {rt} · {result.threads} thread(s)\n"
+    fig.suptitle(f"edgevit-export bench · protocol {result.protocol.name} · {rt} · {result.threads} thread(s){sep}"
                  f"{env.cpu} · {env.date[:10]}", fontsize=11)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _family(name: str) -> str:
+    from ..errors import UnknownModelError
+    from ..registry import get_model_info
+
+    try:
+        return get_model_info(name).family
+    except UnknownModelError:
+        return "file"
+
+
+def _plot_ranking(result: BenchResult, plt) -> bytes:
+    """One resolution, many models: throughput (or latency) ranked, with p10–p90 whiskers, coloured
+    by family; and latency against MACs per image (log-log), which shows who beats their MACs."""
+    p = result.protocol
+    per_s = p.headline == "img/s"
+    value = (lambda t: t.images_per_s) if per_s else (lambda t: t.headline_ms)  # noqa: E731
+    ts = sorted(result.timings, key=value, reverse=per_s)
+    fams = sorted({_family(t.model) for t in ts})
+    cmap = plt.get_cmap("tab10")
+    color = {f: cmap(i % 10) for i, f in enumerate(fams)}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 0.32 * len(ts) + 2.2), gridspec_kw={"width_ratios": [3, 2]})
+    y = list(range(len(ts)))[::-1]
+    vals = [value(t) for t in ts]
+    if per_s:  # whiskers from the latency quantiles, converted
+        lo = [v - t.batch * 1000 / t.p90_ms for v, t in zip(vals, ts)]
+        hi = [t.batch * 1000 / t.p10_ms - v for v, t in zip(vals, ts)]
+    else:
+        lo = [v - t.p10_ms for v, t in zip(vals, ts)]
+        hi = [t.p90_ms - v for v, t in zip(vals, ts)]
+    ax.barh(y, vals, xerr=[lo, hi], color=[color[_family(t.model)] for t in ts], alpha=0.85,
+            error_kw={"lw": 1, "capsize": 2})
+    ax.set_yticks(y)
+    ax.set_yticklabels([t.model for t in ts], fontsize=9)
+    for yi, v in zip(y, vals):
+        ax.annotate(f"{v:,.1f}", (v, yi), textcoords="offset points", xytext=(4, -3), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("images per second (whiskers: p10–p90 run)" if per_s
+                  else f"ms per batch of {p.batch} ({headline_label(result)}; whiskers p10–p90)")
+    ax.set_title(f"fastest at the top · {fmt_res(ts[0].res)} px, batch {p.batch}")
+    ax.grid(True, axis="x", which="both", alpha=0.25)
+    for f in fams:
+        sel = [t for t in ts if _family(t.model) == f and t.macs]
+        ax2.scatter([t.macs_per_image / 1e6 for t in sel], [t.headline_ms / t.batch for t in sel], color=color[f],
+                    label=f, s=28)
+        for t in sel:
+            ax2.annotate(t.model, (t.macs_per_image / 1e6, t.headline_ms / t.batch), textcoords="offset points",
+                         xytext=(4, 2), fontsize=7, color=color[f])
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("MMACs per image")
+    ax2.set_ylabel("ms per image")
+    ax2.set_title("latency vs MACs per image")
+    ax2.grid(True, which="both", alpha=0.2)
+    ax2.legend(fontsize=8, loc="upper left")
+    return _png(fig, plt, result, " · ")
 
 
 def write_plot(result: BenchResult, path: str | Path) -> Path:
