@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from edgevit_export import api
-from edgevit_export.errors import EdgeExportError
+from edgevit_export.errors import CheckFailed, EdgeExportError
 from edgevit_export.registry import list_models
 
 DEFAULT = [f"shvit_s{i}:{r}:{f}" for i in (1, 2, 3) for r in (224, 512) for f in ("onnx", "coreml")] + \
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
         try:
             with tempfile.TemporaryDirectory() as d:
                 r = api.export(name, format=fmt, res=int(res), out=d)
-        except (EdgeExportError, RuntimeError, ValueError, MemoryError) as e:
+        except (EdgeExportError, CheckFailed, RuntimeError, ValueError, MemoryError) as e:
             failed += 1
             results[spec] = {"passed": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             print(f"| {name} | {res} | {fmt} | error: {results[spec]['error']} |", flush=True)
