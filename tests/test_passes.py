@@ -252,7 +252,8 @@ def _zoo_check(name, res, fmt):
     refused = [(p.name, p.refused) for p in r.passes if p.refused]
     assert not refused, refused
     assert r.after.max_rank <= 5 and r.after.dynamic == 0
-    _assert_same(r, model)
+    # each changed pass was held to r.tolerance against the step before: the chain's bound
+    _assert_same(r, model, atol=r.tolerance * max(1, sum(p.changed > 0 for p in r.passes)))
 
 
 @pytest.mark.parametrize("name, res", ZOO_FAST)
