@@ -137,7 +137,8 @@ def randomize_norm_stats(model: nn.Module, seed: int = 0) -> None:
 
     Freshly initialised models zero many residual branches (BN weight 0) and use identity
     statistics, so a numeric check on them would exercise little of the graph. Exports without
-    ``--weights`` call this so parity figures mean something.
+    ``--weights`` call this and then :func:`calibrate_norm_stats`, which replaces the random
+    BatchNorm statistics with measured ones (the affine parameters stay random).
     """
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():

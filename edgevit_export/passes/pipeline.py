@@ -23,7 +23,7 @@ from .rank_le5 import RankLe5
 from .static_shapes import StaticShapes
 
 EXACT_TOL = 1e-5     # a rewrite must keep the output this close (relative) …
-NOISE_FACTOR = 10    # … or within 10× of what one fp32 rounding of the input moves this network
+NOISE_FACTOR = 10    # … or within 10× of what a few fp32 roundings of the input move this network
 
 
 def rounding_noise(gm, example: torch.Tensor, out) -> float:
