@@ -283,6 +283,9 @@ class ModelSummary:
     paper_params_m: float | None
     paper_macs_m: float | None
     paper_top1: float | None
+    params_agree: bool  # with the paper's printed figure (ModelInfo.params_agree)
+    params_note: str  # why not, where they do not agree
+    weights_note: str
 
 
 def summarize(name: str, res=None) -> ModelSummary:
@@ -293,8 +296,10 @@ def _summary(info: ModelInfo, res) -> tuple[ModelSummary, tuple[int, int], torch
     """Params and MACs measured on a meta-device skeleton of the model (no weights needed)."""
     hw = parse_resolution(res, info)
     model = skeleton(info.builder)
-    s = ModelSummary(info.name, info.family, info.paper, info.default_res, count_params(model),
-                     count_macs(model, hw), info.paper_params_m, info.paper_macs_m, info.paper_top1)
+    params = count_params(model)
+    s = ModelSummary(info.name, info.family, info.paper, info.default_res, params,
+                     count_macs(model, hw), info.paper_params_m, info.paper_macs_m, info.paper_top1,
+                     info.params_agree(params), info.params_note, info.weights_note)
     return s, hw, model
 
 

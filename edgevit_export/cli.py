@@ -80,14 +80,16 @@ def list_cmd(
         return
     t = Table(title="edgevit-export models (params and MACs measured here; top-1 is the paper's)")
     t.add_column("model", no_wrap=True)
-    for col, just in (("family", "left"), ("params (M)", "right"), ("MMACs", "right"),
-                      ("res", "right"), ("paper params (M)", "right"), ("paper MMACs", "right"),
-                      ("paper top-1", "right")):
-        t.add_column(col, justify=just)
+    for col in ("res", "params M", "paper", "MMACs", "paper", "top-1"):
+        t.add_column(col, justify="right", no_wrap=True)
     for r in rows:
-        t.add_row(r.name, r.family, f"{r.params / 1e6:.2f}", f"{r.macs / 1e6:,.0f}", str(r.default_res),
-                  _fmt_m(r.paper_params_m), _fmt_m(r.paper_macs_m, 0), _fmt_m(r.paper_top1))
+        mark = "" if r.params_agree else " †"
+        t.add_row(r.name, str(r.default_res), f"{r.params / 1e6:.2f}{mark}", _fmt_m(r.paper_params_m),
+                  f"{r.macs / 1e6:,.0f}", _fmt_m(r.paper_macs_m, 0), _fmt_m(r.paper_top1))
     console.print(t)
+    if not all(r.params_agree for r in rows):
+        console.print("† differs from the paper's printed figure by more than 1% and its rounding; "
+                      "'edgevit-export info MODEL' says why.")
 
 
 @app.command()
@@ -107,6 +109,10 @@ def info(
                   f"{_fmt_m(s.paper_macs_m, 0)} MMACs, top-1 {_fmt_m(s.paper_top1)})")
     console.print(f"takes H, W multiples of {r.info.res_multiple}, at least {r.info.min_res}; "
                   f"normalisation mean {r.info.mean} std {r.info.std}")
+    if s.params_note:
+        console.print(f"params vs paper: {s.params_note}")
+    if s.weights_note:
+        console.print(f"weights: {s.weights_note}")
     t = Table()
     for col in ("stage", "output shape", "channels", "tokens"):
         t.add_column(col, justify="left" if col in ("stage", "output shape") else "right")

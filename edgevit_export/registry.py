@@ -39,6 +39,19 @@ class ModelInfo:
     convert_state_dict: Callable[[dict], dict] | None = field(default=None, repr=False)
     infer_kwargs: Callable[[dict], dict] | None = field(default=None, repr=False)
     weights_note: str = ""
+    # Why our parameter count and the paper's printed figure disagree (see params_agree); empty
+    # where they agree. Shown by 'info' and flagged by 'list'.
+    params_note: str = ""
+
+    def params_agree(self, params: int) -> bool:
+        """Whether a parameter count agrees with the paper's printed figure: within 1%, or equal
+        to it once rounded to the digits the paper prints (2.349M is the paper's "2.3M")."""
+        if self.paper_params_m is None:
+            return True
+        p = params / 1e6
+        text = repr(self.paper_params_m)
+        digits = len(text.split(".")[1]) if isinstance(self.paper_params_m, float) and "." in text else 0
+        return abs(p - self.paper_params_m) <= 0.01 * self.paper_params_m or round(p, digits) == self.paper_params_m
 
     def check_resolution(self, res: tuple[int, int]) -> None:
         h, w = res

@@ -1,5 +1,6 @@
 """`edgevit-export export … --format onnx`: artifact, manifest, parity, and every bad input."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from edgevit_export import api, create_model
+from edgevit_export.registry import get_model_info, list_models
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +135,19 @@ def test_list_and_info(cli):
     res = cli("info", "shvit_s4", "--res", "1024")
     assert res.exit_code == 0 and "1×224×64×64" in res.output and "1×448×16×16" in res.output
     assert cli("info", "nope").exit_code == 2
+
+
+def test_paper_params_gaps_are_flagged_and_explained(cli):
+    # The paper prints 2.3M for 2.349M (rounding) and 5.4M for 5.483M (truncation, 1.5%).
+    info = dataclasses.replace(get_model_info("efficientvit_m0"), paper_params_m=2.3)
+    assert info.params_agree(2_349_000) and not info.params_agree(2_360_000)
+    assert not dataclasses.replace(info, paper_params_m=5.4).params_agree(5_483_032)
+    assert dataclasses.replace(info, paper_params_m=28).params_agree(27_844_000)  # printed "28M"
+    # Every disagreement with a paper says why, and no agreeing model carries a stale excuse.
+    for name in list_models():
+        s = api.summarize(name)
+        assert s.params_agree == (not s.params_note), name
+    listing = cli("list", "--family", "FastViT").output
+    assert "4.03 †" in listing and "'edgevit-export info MODEL' says why" in listing
+    assert "†" not in cli("list", "--family", "SHViT").output
+    assert "params vs paper: 4.03M, equal to timm's" in " ".join(cli("info", "fastvit_t8").output.split())

@@ -35,7 +35,8 @@ silently drops the last 1–3 pixel rows/columns, so they are refused too.
 
 Figures at 224² (params counted, MACs from :func:`edgevit_export.measure.count_macs`) vs the
 paper's table (4.1 / 6.7 / 13.1 M params; 0.6 / 1.1 / 1.9 GFLOPs, i.e. GMACs, one decimal):
-XXS 4.07 M / 551 MMACs, XS 6.77 M / 1128 MMACs, S 13.11 M / 1911 MMACs. Params agree within 1%.
+XXS 4.07 M / 551 MMACs, XS 6.77 M / 1128 MMACs, S 13.11 M / 1911 MMACs. Params of XXS and S agree
+within 1%; XS is 1.05% above its printed 6.7M (6.77 truncated, not rounded; its ``params_note``).
 MACs round to the paper's one-decimal figures; the XXS gap (551 vs "600", −8%) is that rounding
 (0.551 → 0.6). The official ``check_model.py`` counts with fvcore, which also charges 5 per
 LayerNorm element and 2 per eval-BatchNorm element (+6 / +9 / +12 MMACs here: 557 / 1136 / 1923),
@@ -286,7 +287,9 @@ def edgevit_xxs(num_classes: int = 1000, **kwargs) -> EdgeViT:
     return _build("edgevit_xxs", num_classes, **kwargs)
 
 
-@register_model(**_COMMON, paper_params_m=6.7, paper_macs_m=1100, paper_top1=77.5)
+@register_model(**_COMMON, paper_params_m=6.7, paper_macs_m=1100, paper_top1=77.5,
+                params_note="6.77M in the official code's layout (a state dict saved from it loads "
+                "strictly); the paper prints 6.7M, our count truncated rather than rounded (+1.05%).")
 def edgevit_xs(num_classes: int = 1000, **kwargs) -> EdgeViT:
     return _build("edgevit_xs", num_classes, **kwargs)
 
