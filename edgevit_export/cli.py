@@ -62,7 +62,7 @@ def list_cmd(
     family: Optional[str] = typer.Option(None, help="Only this family (e.g. SHViT)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
-    """Every model: family, params, MACs at default resolution, the paper's top-1."""
+    """Every model: params and MACs at its default resolution next to the paper's († where the params disagree; info says why)."""
     from .api import summarize
     from .registry import get_model_info, list_models
 
