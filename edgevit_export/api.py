@@ -120,9 +120,9 @@ def export(
     ext = ".onnx" if format == "onnx" else ".mlpackage"
     if output is not None:
         artifact = Path(output).expanduser()
-        out_dir = artifacts.prepare_out_dir(artifact.parent)
+        out_dir = artifacts.check_out_dir(artifact.parent)
     else:
-        out_dir = artifacts.prepare_out_dir(out)
+        out_dir = artifacts.check_out_dir(out)
         artifact = out_dir / f"{name}-{artifacts.res_tag(hw)}{ext}"
     manifest_path = artifact.with_suffix(".json" if format == "onnx" else ".coreml.json")
     artifacts.check_free([artifact, manifest_path], force)

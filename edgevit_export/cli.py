@@ -127,7 +127,7 @@ def export(
     model: str = typer.Argument(..., help="Model name (see 'edgevit-export list')."),
     format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml"),
     res: Optional[str] = typer.Option(None, "--res", help="Input size: N or HxW (default: the model's)."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (.pth), official or timm layout."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (.pth/.pt or .safetensors), official or timm layout."),
     out: Path = typer.Option(Path("exports"), "--out", help="Output directory."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Exact artifact path (overrides --out)."),
     opset: int = typer.Option(18, help="ONNX opset (17 or newer)."),

@@ -1,6 +1,7 @@
-"""Checkpoint loading: safe ``torch.load``, unwrapping, layout mapping, clear errors.
+"""Checkpoint loading: safe ``torch.load`` or safetensors, unwrapping, layout mapping, clear errors.
 
-A checkpoint is data, never code: always ``weights_only=True``. Official checkpoints come wrapped
+A checkpoint is data, never code: always ``weights_only=True``; ``.safetensors`` files (what the
+Hugging Face hub serves for timm's models) hold only tensors by construction. Official checkpoints come wrapped
 (``{'model': sd}``, ``{'state_dict': sd}``, ``{'model_ema': sd}``) and sometimes with a
 ``module.`` prefix from DataParallel; timm checkpoints use timm's parameter names, which each model
 family maps to ours with its ``convert_state_dict``. Loading is strict: every key must match.
@@ -29,6 +30,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"weights file not found: {p}")
     if not p.is_file():
         raise WeightsError(f"weights path is not a file: {p}")
+    if _is_safetensors(p):
+        return unwrap_state_dict(_read_safetensors(p), source=str(p))
     try:
         # Training scripts (DeiT-style main.py) store their argparse Namespace beside the weights:
         # plain data, safe to allow. Anything else that is not tensors/containers is refused.
@@ -37,7 +40,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if not m:
-            raise WeightsError(f"{p} is not a readable PyTorch checkpoint; pass a .pth/.pt saved with torch.save") from None
+            raise WeightsError(f"{p} is not a readable PyTorch checkpoint; pass a .pth/.pt saved with torch.save or a .safetensors file") from None
         what = f"a pickled {m.group(1)} object"
         raise WeightsError(
             f"{p} holds {what}, which is never unpickled (a checkpoint is data, not code); re-save just the "
@@ -46,9 +49,30 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # any failure to parse a file the user named is bad input, not a bug
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(
-            f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {first[:160]}); pass a .pth/.pt saved with torch.save"
+            f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {first[:160]}); "
+            "pass a .pth/.pt saved with torch.save or a .safetensors file"
         ) from None
     return unwrap_state_dict(obj, source=str(p))
+
+
+def _is_safetensors(p: Path) -> bool:
+    """By content, not name: 8-byte little-endian header length, then the JSON header. (A
+    torch.save file starts with a zip 'PK', a legacy one with a pickle opcode.)"""
+    with open(p, "rb") as f:
+        head = f.read(9)
+    return p.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"
+                                          and 0 < int.from_bytes(head[:8], "little") < p.stat().st_size)
+
+
+def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{p} is not a readable .safetensors file ({first[:160]}); re-download or re-save it") from None
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -176,3 +176,24 @@ def test_onnx_export_parity(tmp_path):
 def test_coreml_conversion(name, res):
     ml = coreml_convert(create_model(name), torch.randn(1, 3, res, res))
     assert ml is not None
+
+
+def test_hub_safetensors_checkpoint_exports(cli, tmp_path):
+    # timm's weights on the Hugging Face hub are `model.safetensors`: a bare timm state dict.
+    from safetensors.torch import save_file
+
+    sd = _random_state_dict("mobilenetv3_small_100", num_classes=10)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
+    model = create_model("mobilenetv3_small_100", weights=str(path))
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    renamed = tmp_path / "weights.bin"  # recognised by content, whatever the name
+    renamed.write_bytes(path.read_bytes())
+    res = cli("export", "mobilenetv3_small_100", "--res", "64", "--weights", renamed, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert "PASS parity" in res.output and "randomly initialised" not in res.output
+    broken = tmp_path / "cut.safetensors"
+    broken.write_bytes(path.read_bytes()[:1000])
+    res = cli("export", "mobilenetv3_small_100", "--res", "64", "--weights", broken, "--out", tmp_path / "p")
+    assert res.exit_code == 2 and "not a readable .safetensors file" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "p").exists()

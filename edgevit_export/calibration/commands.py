@@ -156,7 +156,7 @@ def register(app, console, handle_errors) -> None:
     def quantize_cmd(
         model: str = typer.Argument(..., help="Model name (see 'edgevit-export list') or a float FILE.onnx."),
         res: Optional[str] = typer.Option(None, "--res", help="Input size: N or HxW (default: the model's)."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (.pth) for a model name."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (.pth/.pt or .safetensors) for a model name."),
         calib: Optional[str] = typer.Option(None, "--calib", help="Calibration image folder (any nesting), or "
                                                                   "'synthetic' for a smoke run (not for shipping)."),
         calib_size: int = typer.Option(256, "--calib-size", help="Calibration images to use."),
@@ -224,7 +224,7 @@ def register(app, console, handle_errors) -> None:
         model: str = typer.Argument(..., help="Model name (PyTorch) or an .onnx artifact."),
         data: Path = typer.Option(..., "--data", help="Labelled folder: one sub-folder per class (ImageNet-style)."),
         res: Optional[str] = typer.Option(None, "--res", help="Input size for a model name (default: the model's)."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (.pth) for a model name."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (.pth/.pt or .safetensors) for a model name."),
         labels: Optional[Path] = typer.Option(None, "--labels", help="Class order: one folder name per line "
                                                                      "(default: sorted folder names)."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate on at most N images (spread over "

@@ -516,7 +516,7 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
         calib_src, calib_scan = calibration_source(calib, target, calib_size, seed)
     eval_set = evaluation_set(eval_dir, labels, target)
     # 3. where it goes
-    out_dir = artifacts.prepare_out_dir(out)
+    out_dir = artifacts.check_out_dir(out)
     tag = artifacts.res_tag(target.hw)
     base = f"{target.name}-{tag}" if target.kind == "model" else target.name
     if format == "onnx":

@@ -29,6 +29,26 @@ def prepare_out_dir(out: str | Path) -> Path:
     return d
 
 
+def check_out_dir(out: str | Path) -> Path:
+    """What prepare_out_dir checks, without creating anything: an export that then fails on bad
+    input (a checkpoint that does not fit, say) leaves no empty directory behind. staging()
+    creates the directory when there is something to write."""
+    d = Path(out).expanduser()
+    if d.exists():
+        if not d.is_dir():
+            raise OutputError(f"--out {d} exists and is not a directory; pass a directory")
+        if not os.access(d, os.W_OK):
+            raise OutputError(f"output directory {d} is not writable; pass a writable --out")
+        return d
+    parent = d.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        why = "not a directory" if not parent.is_dir() else "not writable"
+        raise OutputError(f"cannot create output directory {d}: {parent} is {why}; pass a writable --out")
+    return d
+
+
 def check_free(paths: list[Path], force: bool) -> None:
     existing = [p for p in paths if p.exists()]
     if existing and not force:
@@ -38,12 +58,17 @@ def check_free(paths: list[Path], force: bool) -> None:
 @contextmanager
 def staging(out_dir: Path):
     """A temporary directory next to the final artifacts (same filesystem, so moves are atomic
-    renames); removed on the way out whatever happens."""
+    renames); removed on the way out whatever happens. Creates ``out_dir`` if needed, and removes
+    it again if it was created here and nothing was written to it."""
+    created = not Path(out_dir).exists()
+    prepare_out_dir(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".edgevit-tmp-", dir=out_dir))
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(Path(out_dir).iterdir()):
+            Path(out_dir).rmdir()
 
 
 def commit(staged: Path, final: Path) -> None:
