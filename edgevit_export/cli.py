@@ -110,7 +110,8 @@ def info(
     console.print(f"takes H, W multiples of {r.info.res_multiple}, at least {r.info.min_res}; "
                   f"normalisation mean {r.info.mean} std {r.info.std}")
     if s.params_note:
-        console.print(f"params vs paper: {s.params_note}")
+        delta = s.params / 1e6 / s.paper_params_m - 1
+        console.print(f"params vs paper: {delta:+.1%} — {s.params_note}")
     if s.weights_note:
         console.print(f"weights: {s.weights_note}")
     t = Table()

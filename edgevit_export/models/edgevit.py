@@ -288,8 +288,8 @@ def edgevit_xxs(num_classes: int = 1000, **kwargs) -> EdgeViT:
 
 
 @register_model(**_COMMON, paper_params_m=6.7, paper_macs_m=1100, paper_top1=77.5,
-                params_note="6.77M in the official code's layout (a state dict saved from it loads "
-                "strictly); the paper prints 6.7M, our count truncated rather than rounded (+1.05%).")
+                params_note="the official code's model (a state dict saved from it loads strictly); "
+                "the paper prints this count truncated, not rounded, to one decimal.")
 def edgevit_xs(num_classes: int = 1000, **kwargs) -> EdgeViT:
     return _build("edgevit_xs", num_classes, **kwargs)
 

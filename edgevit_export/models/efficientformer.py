@@ -605,8 +605,8 @@ def efficientformer_l1(num_classes: int = 1000, distillation: bool = True) -> Ef
     family="EfficientFormer", paper=PAPER_V2, default_res=224, paper_params_m=6.1, paper_macs_m=650,
     paper_top1=79.0, res_multiple=32, min_res=64, convert_state_dict=convert_state_dict,
     infer_kwargs=infer_kwargs_v2,
-    params_note="6.19M in timm's layout (both heads, BatchNorm separate); the paper counts the deployed "
-                "model, BatchNorm folded into the convs: 6.115M, its 6.1M (+1.4% with BatchNorm).",
+    params_note="timm's layout (both heads) counts BatchNorm separately; the paper counts the deployed "
+                "model, BatchNorm folded into the convs, which rounds to its figure.",
     weights_note="timm layout (efficientformerv2_s1.snap_dist_in1k: head + head_dist, averaged); "
                  "position-bias tables sized for img_size (224), bicubically resampled at other sizes.",
 )

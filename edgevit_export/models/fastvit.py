@@ -463,17 +463,17 @@ def infer_kwargs(sd: dict) -> dict:
     return kw
 
 
-def _meta(params_m: float, gflops: float, top1: float, timm_params_m: float, reparam_params_m: float) -> dict:
+def _meta(params_m: float, gflops: float, top1: float) -> dict:
     return dict(
         family="FastViT", paper=PAPER, default_res=256, paper_params_m=params_m,
         paper_macs_m=gflops * 1000, paper_top1=top1, res_multiple=32, min_res=64,
         convert_state_dict=convert_state_dict, infer_kwargs=infer_kwargs,
         weights_note=("timm layout (fastvit_*.apple_in1k / apple_dist_in1k), train-time form; "
                       "reparameterised state dicts load too. Exports are reparameterised."),
-        params_note=(f"{timm_params_m}M, equal to timm's train-time model (the form its checkpoints "
-                     f"hold); {reparam_params_m:.2f}M after reparameterisation (what is exported). The "
-                     f"paper's {params_m}M is {100 * (1 - params_m / reparam_params_m):.0f}% below even "
-                     "that and no counting convention we tried reproduces it (see the module docstring)."),
+        params_note=("timm's train-time model (the form its checkpoints hold); reparameterisation at "
+                     "export removes under 1% of it. The paper's figure lies below even the "
+                     "reparameterised model and no counting convention we tried reproduces it; the "
+                     "released checkpoints' top-1 differs from the paper's too (edgevit_export/models/fastvit.py)."),
     )
 
 
@@ -481,16 +481,16 @@ def _build(name: str, num_classes: int, inference_mode: bool) -> FastViT:
     return FastViT(**CONFIGS[name], num_classes=num_classes, inference_mode=inference_mode)
 
 
-@register_model(**_meta(3.6, 0.7, 75.6, 4.03, 4.00))
+@register_model(**_meta(3.6, 0.7, 75.6))
 def fastvit_t8(num_classes: int = 1000, inference_mode: bool = False) -> FastViT:
     return _build("fastvit_t8", num_classes, inference_mode)
 
 
-@register_model(**_meta(6.8, 1.4, 79.1, 7.55, 7.51))
+@register_model(**_meta(6.8, 1.4, 79.1))
 def fastvit_t12(num_classes: int = 1000, inference_mode: bool = False) -> FastViT:
     return _build("fastvit_t12", num_classes, inference_mode)
 
 
-@register_model(**_meta(10.9, 1.9, 80.6, 11.58, 11.55))
+@register_model(**_meta(10.9, 1.9, 80.6))
 def fastvit_sa12(num_classes: int = 1000, inference_mode: bool = False) -> FastViT:
     return _build("fastvit_sa12", num_classes, inference_mode)

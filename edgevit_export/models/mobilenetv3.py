@@ -232,8 +232,8 @@ def mobilenetv3_small_100(num_classes: int = 1000, **kwargs) -> MobileNetV3:
 
 
 @register_model(paper_params_m=5.4, paper_macs_m=217, paper_top1=75.2, **_META,
-                params_note="5,483,032, equal to timm's and the official TF model's count; the paper "
-                "prints 5.4M, that count truncated rather than rounded (+1.5%).")
+                params_note="equal to timm's and the official TF model's count; the paper prints it "
+                "truncated, not rounded, to one decimal.")
 def mobilenetv3_large_100(num_classes: int = 1000, **kwargs) -> MobileNetV3:
     """MobileNetV3-Large 1.0 (timm ``mobilenetv3_large_100``)."""
     return MobileNetV3(LARGE, num_classes=num_classes, **kwargs)
