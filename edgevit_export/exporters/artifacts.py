@@ -17,22 +17,19 @@ def res_tag(res: tuple[int, int]) -> str:
 
 
 def prepare_out_dir(out: str | Path) -> Path:
-    d = Path(out).expanduser()
-    if d.exists() and not d.is_dir():
-        raise OutputError(f"--out {d} exists and is not a directory; pass a directory")
+    """check_out_dir, then create the directory."""
+    d = check_out_dir(out)
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create output directory {d}: {e.strerror}; pass a writable --out") from None
-    if not os.access(d, os.W_OK):
-        raise OutputError(f"output directory {d} is not writable; pass a writable --out")
     return d
 
 
 def check_out_dir(out: str | Path) -> Path:
-    """What prepare_out_dir checks, without creating anything: an export that then fails on bad
-    input (a checkpoint that does not fit, say) leaves no empty directory behind. staging()
-    creates the directory when there is something to write."""
+    """Whether OUT is, or can be created as, a writable directory, without creating anything: an
+    export that then fails on bad input (a checkpoint that does not fit, say) leaves no empty
+    directory behind. staging() creates the directory when there is something to write."""
     d = Path(out).expanduser()
     if d.exists():
         if not d.is_dir():
