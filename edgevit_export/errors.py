@@ -10,6 +10,13 @@ from __future__ import annotations
 import difflib
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): third-party
+    errors quoted inside our one-line messages."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class EdgeExportError(Exception):
     """Bad input or usage: one line that says what to do. Exit code 2."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import WeightsError
+from .errors import WeightsError, first_line
 from .registry import ModelInfo
 
 _WRAPPERS = ("model", "state_dict", "model_ema", "module", "net")
@@ -47,7 +47,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             f"weights: torch.save({{'model': ckpt['model']}}, 'clean.pth') in the environment that made it"
         ) from None
     except Exception as e:  # any failure to parse a file the user named is bad input, not a bug
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise WeightsError(
             f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {first[:160]}); "
             "pass a .pth/.pt saved with torch.save or a .safetensors file"
@@ -71,7 +71,7 @@ def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise WeightsError(f"{p} is not a readable .safetensors file ({first[:160]}); re-download or re-save it") from None
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import numpy as np
 
-from ..errors import EdgeExportError
+from ..errors import EdgeExportError, first_line
 from .runner import (ModelSpec, Progress, ProgressFn, cached_export, default_cache_dir, make_input, onnx_input,
                      parse_models, plan, _noop)
 
@@ -135,7 +135,7 @@ def _session(path: Path, threads: int, prefix: str):
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise EdgeExportError(f"onnxruntime cannot load {path}: {first[:300]}") from None
 
 

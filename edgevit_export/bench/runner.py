@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import EdgeExportError, OutputError
+from ..errors import EdgeExportError, OutputError, first_line
 from .env import Environment, collect
 from .protocols import MEDIAN, Protocol, get_protocol
 
@@ -357,7 +357,7 @@ def ort_runner(path: Path, threads: int, feed: dict[str, np.ndarray]) -> Callabl
         try:
             sess = ort_session(Path(path), threads=threads, optimize=True)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise EdgeExportError(f"onnxruntime cannot load {path}: {first[:300]}") from None
         return lambda: sess.run(None, feed)
 

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CROP_PCT = 0.875
@@ -260,7 +260,7 @@ def load_image(path: Path):
             im.load()
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise CorruptImage(msg[:120]) from None
 
 
