@@ -34,9 +34,10 @@ sys.path.insert(0, str(ROOT))
 from edgevit_export.bench import env as bench_env  # noqa: E402
 from edgevit_export.bench.profile import profile_onnx  # noqa: E402
 from edgevit_export.bench.protocols import get_protocol  # noqa: E402
-from edgevit_export.bench.runner import cached_export, default_cache_dir  # noqa: E402
-from edgevit_export.calibration.quantize import cpu_int8, quantize  # noqa: E402
-from edgevit_export.exporters.onnx import ort_session  # noqa: E402
+from edgevit_export.bench.cache import cached_export, default_cache_dir  # noqa: E402
+from edgevit_export.calibration.cpu import cpu_int8  # noqa: E402
+from edgevit_export.calibration.quantize import quantize  # noqa: E402
+from edgevit_export.ort import session  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -104,15 +105,16 @@ def main() -> int:
         log(f"quantize (static int8 QDQ, per-channel, {args.calib_size} synthetic calibration images)")
         r = quantize(str(fp32_path), calib="synthetic", calib_size=args.calib_size, method="minmax",
                      per_channel=True, eval_size=2, sensitivity_samples=0, max_drop=100.0, out=tmp,
-                     threads=threads, progress=lambda task, d, n: log(f"  {task} {d}/{n}") if n == 0 or d == n
-                     else None)
+                     threads=threads, progress=lambda e: log(f"  {e.task} {e.done}/{e.total}")
+                     if not e.counted or e.done == e.total else None)
         int8_path = r.artifact
         sizes = {"fp32_bytes": fp32_path.stat().st_size, "int8_bytes": int8_path.stat().st_size}
         log(f"int8 vs fp32 on 2 synthetic images: top-1 agreement {r.comparison.agreement.top1_agree:.0f}%, "
             f"logit SQNR {r.comparison.agreement.sqnr_db:.1f} dB (random-init weights: latency only)")
 
         x = np.random.default_rng(0).standard_normal((1, 3, *hw)).astype(np.float32)
-        sessions = {"fp32": ort_session(fp32_path, threads=threads), "int8": ort_session(int8_path, threads=threads)}
+        sessions = {"fp32": session(fp32_path, threads=threads, spinning=False),
+                    "int8": session(int8_path, threads=threads, spinning=False)}
         log(f"time: warm-up, then {args.runs} interleaved runs each")
         samples = interleaved(sessions, x, args.runs, proto.warmup_runs, proto.warmup_seconds)
         del sessions

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgevit_export.bench import report  # noqa: E402
-from edgevit_export.bench.runner import BenchResult, MatmulPeak, measure_matmul_peak, run_bench  # noqa: E402
+from edgevit_export.bench import BenchResult, MatmulPeak, measure_matmul_peak, run_bench  # noqa: E402
 
 CASES = [("shvit_s4", 224), ("shvit_s4", 512), ("shvit_s4", 1024), ("litv2_s", 224), ("litv2_s", 1024)]
 PROBE_SIZES = (256, 512, 1024, 2048)
@@ -60,9 +60,8 @@ def main() -> int:
     cap = args.max_seconds or None
 
     def progress(ev):
-        if ev.phase in ("export", "done"):
-            msg = ev.message or f"{ev.done} runs"
-            print(f"  {ev.item}: {ev.phase} {msg}", file=sys.stderr, flush=True)
+        if not ev.counted or ev.done == ev.total:
+            print(f"  {ev.task}" + (f" {ev.done}/{ev.total}" if ev.counted else ""), file=sys.stderr, flush=True)
 
     def probe() -> MatmulPeak:
         return measure_matmul_peak(threads=args.threads, sizes=PROBE_SIZES, seconds_per_size=1.0)

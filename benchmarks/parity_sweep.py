@@ -1,13 +1,15 @@
-"""Export a list of (model, resolution, format) and record the parity / structure figures.
+"""Export a list of (model, resolution, format[, precision]) and record the parity / structure figures.
 
     python benchmarks/parity_sweep.py                # SHViT S1–S3 at 224/512 + S4 at 1024, ONNX and Core ML
-    python benchmarks/parity_sweep.py litv2_s:1024:coreml edgevit_s:512:onnx
+    python benchmarks/parity_sweep.py litv2_s:1024:coreml edgevit_s:512:onnx shvit_s1:224:coreml:fp32
     python benchmarks/parity_sweep.py --zoo 224,512,1024 [--skip-passed] [--family SHViT]
     python benchmarks/parity_sweep.py --report      # one row per model from parity.json
 
-Writes benchmarks/results/parity.json after every export (merged with earlier runs, so an
-interrupted sweep keeps what it measured) and prints a markdown table. An export that raises is
-recorded with its error and the sweep goes on.
+Every parity figure is the saved artifact run by its format's runner (onnxruntime; the Core ML
+reference runner for .mlpackage, fp16 programs in fp16) against PyTorch fp32; ``program`` is the
+rewritten torch program handed to the converter. Writes benchmarks/results/parity.json after every
+export (merged with earlier runs, so an interrupted sweep keeps what it measured) and prints a
+markdown table. An export that raises is recorded with its error and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -23,37 +25,46 @@ from edgevit_export.errors import CheckFailed, EdgeExportError
 from edgevit_export.registry import list_models
 
 DEFAULT = [f"shvit_s{i}:{r}:{f}" for i in (1, 2, 3) for r in (224, 512) for f in ("onnx", "coreml")] + \
-          ["shvit_s4:1024:onnx", "shvit_s4:1024:coreml"]
+          ["shvit_s4:1024:onnx", "shvit_s4:1024:coreml", "shvit_s4:1024:coreml:fp32"]
 
 
 def zoo_specs(resolutions: str, family: str | None) -> list[str]:
     names = list_models(family)
-    return [f"{n}:{r}:{f}" for r in resolutions.split(",") for n in names for f in ("onnx", "coreml")]
+    return [f"{n}:{r}:{f}" for r in resolutions.split(",") for n in names for f in ("onnx", "coreml", "coreml:fp32")]
 
 
 def report(results: dict) -> str:
-    """Markdown, one row per model: worst ONNX / Core ML fp32 / fp16-emulated error over the
-    resolutions measured, which resolutions passed, and the Core ML conversion time at the largest."""
+    """Markdown, one row per model: worst error of each artifact kind over the resolutions measured
+    (ONNX in onnxruntime; Core ML fp32 and fp16 packages in the reference runner), which
+    resolutions passed, and the Core ML conversion and check times at the largest."""
     rows = {}
     for spec, r in results.items():
-        name, res, fmt = spec.split(":")
-        rows.setdefault(name, []).append((int(res), fmt, r))
+        name, res, kind = _split(spec)
+        rows.setdefault(name, []).append((int(res), kind, r))
     fmt_e = lambda v: f"{v:.1e}" if v is not None else "—"  # noqa: E731
-    lines = ["| model | resolutions (ONNX + Core ML) | ONNX max rel | Core ML fp32 max rel | Core ML fp16-emulated "
-             "max rel | Core ML convert s (largest res) | failed |", "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| model | resolutions | ONNX max rel | Core ML fp32 max rel | Core ML fp16 max rel (cosine) | "
+             "Core ML convert / check s (largest res) | failed |", "|---|---|---:|---:|---:|---:|---|"]
     for name in sorted(rows):
         entries = sorted(rows[name], key=lambda e: e[0])
-        ok = lambda fmt: [r for _, f, r in entries if f == fmt and r.get("passed")]  # noqa: E731
+        ok = lambda kind: [r for _, k, r in entries if k == kind and r.get("passed")]  # noqa: E731
         worst = lambda rs, key: max((r[key] for r in rs if r.get(key) is not None), default=None)  # noqa: E731
-        both = sorted({res for res, f, r in entries if r.get("passed")} &
-                      {res for res, f, r in entries if f == "onnx" and r.get("passed")} &
-                      {res for res, f, r in entries if f == "coreml" and r.get("passed")})
-        big = [(res, r) for res, f, r in entries if f == "coreml" and r.get("passed")]
-        failed = [f"{res} {f}: {r.get('error') or 'check failed'}" for res, f, r in entries if not r.get("passed")]
-        lines.append(f"| {name} | {', '.join(map(str, both)) or '—'} | {fmt_e(worst(ok('onnx'), 'max_rel'))} | "
-                     f"{fmt_e(worst(ok('coreml'), 'max_rel'))} | {fmt_e(worst(ok('coreml'), 'fp16_max_rel'))} | "
-                     f"{big[-1][1]['convert_s'] if big else '—'} | {'; '.join(failed) or '—'} |")
+        cos = min((r["cosine"] for r in ok("coreml:fp16")), default=None)
+        passed = sorted({res for res, _, r in entries if r.get("passed")})
+        big = [(res, r) for res, k, r in entries if k == "coreml:fp16" and r.get("passed")]
+        failed = [f"{res} {k}: {r.get('error') or 'check failed'}" for res, k, r in entries if not r.get("passed")]
+        times = f"{big[-1][1]['convert_s']} / {big[-1][1]['check_s']}" if big else "—"
+        lines.append(f"| {name} | {', '.join(map(str, passed)) or '—'} | {fmt_e(worst(ok('onnx'), 'max_rel'))} | "
+                     f"{fmt_e(worst(ok('coreml:fp32'), 'max_rel'))} | {fmt_e(worst(ok('coreml:fp16'), 'max_rel'))}"
+                     f"{f' ({cos:.5f})' if cos is not None else ''} | "
+                     f"{times} | "
+                     f"{'; '.join(failed) or '—'} |")
     return "\n".join(lines)
+
+
+def _split(spec: str) -> tuple[str, str, str]:
+    """model:res:format[:precision] → (model, res, kind) with kind onnx | coreml:fp16 | coreml:fp32."""
+    name, res, fmt, *prec = spec.split(":")
+    return name, res, fmt if fmt == "onnx" else f"{fmt}:{prec[0] if prec else 'fp16'}"
 
 
 def main(argv: list[str]) -> int:
@@ -72,32 +83,31 @@ def main(argv: list[str]) -> int:
     if skip_passed:
         specs = [s for s in specs if not results.get(s, {}).get("passed")]
     failed = 0
-    print("| model | res | format | max rel (fp32) | fp16 emulated | cosine | convert s | total s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | res | artifact | max rel (runner) | cosine | gated | program max rel | convert s | check s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for spec in specs:
-        name, res, fmt = spec.split(":")
+        name, res, kind = _split(spec)
+        fmt, _, precision = kind.partition(":")
         t = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory() as d:
-                r = api.export(name, format=fmt, res=int(res), out=d)
+                r = api.export(name, format=fmt, res=int(res), out=d, precision=precision or "fp16")
         except (EdgeExportError, CheckFailed, RuntimeError, ValueError, MemoryError) as e:
             failed += 1
             results[spec] = {"passed": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-            print(f"| {name} | {res} | {fmt} | error: {results[spec]['error']} |", flush=True)
+            print(f"| {name} | {res} | {kind} | error: {results[spec]['error']} |", flush=True)
             _save(dest, results)
             continue
         total = time.perf_counter() - t
-        p, p16 = r.checks["parity"], r.checks.get("parity_fp16")
+        p, prog = r.checks["parity"], r.checks["program"]
         failed += not r.passed
-        results[spec] = {"passed": r.passed, "max_rel": p["max_rel"], "cosine": p["cosine"],
-                         "fp16_max_rel": p16["max_rel"] if p16 else None,
-                         "fp16_cosine": p16["cosine"] if p16 else None,
-                         "fp16_within_gate": p16["within_gate"] if p16 else None,
-                         "convert_s": round(r.seconds["convert"], 1), "total_s": round(total, 1),
+        results[spec] = {"passed": r.passed, "max_rel": p["max_rel"], "cosine": p["cosine"], "gated": p["gated"],
+                         "within_gate": p["within_gate"], "program_max_rel": prog["max_rel"],
+                         "reference": p["reference"], "convert_s": round(r.seconds["convert"], 1),
+                         "check_s": round(r.seconds["check"], 1), "total_s": round(total, 1),
                          "max_rank": r.checks.get("structure", {}).get("max_rank")}
-        print(f"| {name} | {res} | {fmt} | {p['max_rel']:.1e} | {p16['max_rel']:.1e} |" if p16 else
-              f"| {name} | {res} | {fmt} | {p['max_rel']:.1e} | — |", end="")
-        print(f" {p['cosine']:.6f} | {r.seconds['convert']:.1f} | {total:.1f} |", flush=True)
+        print(f"| {name} | {res} | {kind} | {p['max_rel']:.1e} | {p['cosine']:.6f} | {p['gated']} | "
+              f"{prog['max_rel']:.1e} | {r.seconds['convert']:.1f} | {r.seconds['check']:.1f} |", flush=True)
         _save(dest, results)
     return 1 if failed else 0
 
@@ -110,8 +120,8 @@ def _save(dest: Path, results: dict) -> None:
 
 
 def _order(item):
-    name, res, fmt = item[0].split(":")
-    return name, int(res), fmt
+    name, res, kind = _split(item[0])
+    return name, int(res), kind
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from edgevit_export import api
-from edgevit_export.exporters.onnx import ort_session
+from edgevit_export.ort import session
 
 
 def main(model="shvit_s4", res=1024, runs=50):
@@ -30,7 +29,7 @@ def main(model="shvit_s4", res=1024, runs=50):
         rows[passes] = {"file": r.artifact, "reshape": ops.get("Reshape", 0), "transpose": ops.get("Transpose", 0),
                         "nodes": r.manifest["backend"]["nodes"], "parity_max_rel": r.checks["parity"]["max_rel"],
                         "convert_s": r.seconds["convert"], "times": []}
-    sessions = {k: ort_session(v["file"], threads=2) for k, v in rows.items()}
+    sessions = {k: session(v["file"], threads=2, spinning=False) for k, v in rows.items()}
     x = np.random.default_rng(0).standard_normal((1, 3, res, res)).astype(np.float32)
     for s in sessions.values():
         for _ in range(5):
@@ -49,8 +48,8 @@ def main(model="shvit_s4", res=1024, runs=50):
     result["ratio_default_over_none"] = result["default"]["median_ms"] / result["none"]["median_ms"]
     dest = Path(__file__).parent / "results" / "passes_latency.json"
     dest.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| passes | ONNX nodes | Reshape | Transpose | median ms | p10–p90 ms |")
-    print(f"|---|---|---|---|---|---|")
+    print("| passes | ONNX nodes | Reshape | Transpose | median ms | p10–p90 ms |")
+    print("|---|---|---|---|---|---|")
     for k in ("none", "default"):
         v = result[k]
         print(f"| {k} | {v['nodes']} | {v['reshape']} | {v['transpose']} | {v['median_ms']:.1f} | "

@@ -20,7 +20,10 @@ _LAZY = {
     "run_bench": ("bench.runner", "run_bench"),  # not "bench": that is the subpackage
     "profile": ("bench.profile", "profile_onnx"),
     "quantize": ("calibration.quantize", "quantize"),
-    "evaluate": ("calibration.quantize", "evaluate"),
+    "evaluate": ("calibration.evaluation", "evaluate"),
+    "load": ("api", "load"),
+    "check": ("api", "check"),
+    "run": ("api", "run"),
 }
 
 

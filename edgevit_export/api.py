@@ -6,22 +6,23 @@ import datetime as _dt
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from . import __version__
+from .calibration.data import CROP_PCT
 from .errors import CheckFailed, EdgeExportError
+from .exporters.check import Gate, judge, raw_scale, reference_input, seeded_feeds, torch_outputs, write_golden
 from .measure import count_macs, count_params, skeleton
 from .passes import PassContext, resolve_passes, run_passes
 from .passes.pipeline import PipelineResult
+from .progress import Callback, emit
 from .registry import ModelInfo, create_model, get_model_info, parse_resolution
 from .weights import calibrate_norm_stats, randomize_norm_stats
 
-FORMATS = ("onnx", "coreml")
-ONNX_TOLERANCE = 1e-4
+PROGRAM_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -94,94 +95,92 @@ def export(
     tensor_input: bool = False,
     labels: str | Path | None = None,
     logits: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Callback | None = None,
 ) -> ExportResult:
-    """Capture → passes → backend → check, for one model at one resolution.
+    """Capture → passes → ``format.convert`` → ``format.load`` → parity + structure, one model at one
+    resolution.
 
-    Writes ``OUT/MODEL-RES.{onnx,mlpackage}`` and ``OUT/MODEL-RES.json`` atomically (or
-    ``output`` and its ``.json`` sibling). Bad input raises EdgeExportError before anything is
-    written; a failed check is reported in the result (``passed`` false) with the artifact kept.
+    Writes ``OUT/MODEL-RES<suffix>``, its manifest and its golden file atomically (or ``output``
+    and siblings). Bad input raises EdgeExportError before anything is written; a failed check is
+    reported in the result (``passed`` false) with the artifact kept. Format flags (``opset``;
+    ``target``, ``precision``, ``tensor_input``, ``labels``, ``logits``) go to the format's
+    ``validate_options``, which takes those that concern it.
     """
+    from . import exporters
     from .exporters import artifacts
 
-    step = progress or (lambda _s: None)
-    if format not in FORMATS:
-        raise EdgeExportError(f"unknown format '{format}'; use one of: {', '.join(FORMATS)}")
+    fmt = exporters.get(format)
+    backend = fmt.backend()
     if batch < 1:
         raise EdgeExportError(f"--batch must be at least 1, got {batch}")
-    if format == "coreml":
-        from .exporters import coreml as coreml_backend
-
-        coreml_opts = coreml_backend.validate_options(target=target, precision=precision, labels=labels,
-                                                      output=output)
-    pass_names = resolve_passes(passes, format, tensor_input=tensor_input)
+    options = backend.validate_options(output=output, opset=opset, target=target, precision=precision,
+                                       labels=labels, tensor_input=tensor_input, logits=logits)
+    pass_names = resolve_passes(passes, format, tensor_input=options.get("tensor_input", False))
+    if not options.get("tensor_input", True) and "normalize_input" not in pass_names:
+        pass_names.append("normalize_input")  # an image input takes raw pixels: part of the input contract
     info = get_model_info(name)
     hw = parse_resolution(res, info)
-    ext = ".onnx" if format == "onnx" else ".mlpackage"
     if output is not None:
         artifact = Path(output).expanduser()
         out_dir = artifacts.check_out_dir(artifact.parent)
     else:
         out_dir = artifacts.check_out_dir(out)
-        artifact = out_dir / f"{name}-{artifacts.res_tag(hw)}{ext}"
-    manifest_path = artifact.with_suffix(".json" if format == "onnx" else ".coreml.json")
-    artifacts.check_free([artifact, manifest_path], force)
+        artifact = out_dir / f"{name}-{artifacts.res_tag(hw)}{fmt.suffix}"
+    manifest_path, golden_path = fmt.manifest_path(artifact), fmt.golden_path(artifact)
+    artifacts.check_free([artifact, manifest_path, golden_path], force)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    step("build model")
+    emit(progress, "build model")
     info, hw, model, random_init = prepare_model(name, hw, weights, distilled)
     example = torch.randn(batch, 3, *hw, generator=torch.Generator().manual_seed(0))
-    if format == "coreml":
-        num_classes = _num_classes(model, example)
-        coreml_backend.class_labels(num_classes, coreml_opts["labels"])  # wrong count → error now
-        if not logits:  # a classifier reports probabilities: softmax is part of the program
-            model = WithSoftmax(model).eval()  # (the checks compare the logits before it)
-    step("capture (torch.export)")
+    num_classes = _num_classes(model, example)
+    given = options.get("labels")
+    if given is not None and len(given) != num_classes:
+        raise EdgeExportError(f"--labels has {len(given)} names but the model has {num_classes} classes; "
+                              "give exactly one name per class, one per line")
+    emit(progress, "capture (torch.export)")
     ep = capture(model, example)
     timings["capture"] = time.perf_counter() - t0
 
     t = time.perf_counter()
     ctx = PassContext((example,), mean=info.mean, std=info.std)
-    pipe = run_passes(ep, pass_names, ctx, progress=lambda n: step(f"pass {n}"))
+    pipe = run_passes(ep, pass_names, ctx, progress=lambda n: emit(progress, f"pass {n}"))
     timings["passes"] = time.perf_counter() - t
-    if format == "coreml" and pipe.after.max_rank > 5:
-        _refuse_high_rank(pipe, pass_names)
+    if fmt.max_rank and pipe.after.max_rank > fmt.max_rank:
+        _refuse_high_rank(pipe, pass_names, fmt)
     contract = [p for p in pipe.passes if p.name == "normalize_input" and p.refused]
     if contract:  # the image input would reach the network unnormalised: never ship that
         raise CheckFailed(f"normalize_input could not be proven exact on this network ({contract[0].refused}); "
                           f"nothing was written — export with --tensor-input and normalise in the app")
+    normalization = {"mean": list(info.mean), "std": list(info.std), "in_graph": pipe.raw_input,
+                     "input_range": f"0-{pipe.input_scale:g}" if pipe.raw_input else "normalized"}
+    meta = exporters.Meta(name, info.family, info.paper, hw, count_params(model), info.mean, info.std,
+                          [p.name for p in pipe.passes], num_classes)
 
     checks: dict[str, dict] = {}
+    golden_kept = 0
     with artifacts.staging(out_dir) as tmp:
         staged = tmp / artifact.name
         t = time.perf_counter()
-        if format == "onnx":
-            from .exporters import onnx as onnx_backend
-
-            step("convert to ONNX")
-            backend = onnx_backend.to_onnx(pipe.program, pipe.example_input, staged, opset=opset)
-            io = {"inputs": [{"name": onnx_backend.INPUT_NAME, "shape": list(pipe.example_input.shape),
-                              "dtype": "float32"}],
-                  "outputs": [{"name": onnx_backend.OUTPUT_NAME}]}
-        else:
-            step("convert to Core ML")
-            backend, io = coreml_backend.to_coreml(pipe, staged, info=info, model_name=name, res=hw,
-                                                   tensor_input=tensor_input, logits=logits,
-                                                   params=count_params(model), num_classes=num_classes,
-                                                   **coreml_opts)
+        emit(progress, f"convert to {fmt.title}")
+        facts = backend.convert(pipe.program, pipe.example_input, staged, options, meta)
         timings["convert"] = time.perf_counter() - t
 
         t = time.perf_counter()
         if check:
-            step("check against PyTorch")
-            if format == "onnx":
-                checks["parity"] = _onnx_parity(staged, model, pipe).as_dict()
-            else:
-                base = model.model if isinstance(model, WithSoftmax) else model
-                checks.update(coreml_backend.check(staged, base, pipe, precision=coreml_opts["precision"],
-                                                   tensor_input=tensor_input, logits=logits,
-                                                   gate_fp16=not random_init))
+            emit(progress, f"check against PyTorch ({fmt.title} runner)")
+            checks["structure"] = backend.structure(backend.describe(staged), options)
+            runner = backend.load(staged)
+            feeds = seeded_feeds(runner.inputs, 3, pipe.input_scale if pipe.raw_input else None)
+            refs = [torch_outputs(model, reference_input(f[runner.inputs[0]["name"]], normalization)) for f in feeds]
+            outs = [runner.numeric(f) for f in feeds]
+            compared = list(outs[0])
+            checks["parity"] = judge([o[compared[0]] for o in outs], [r[0] for r in refs],
+                                     backend.gate(options, trained=not random_init),
+                                     f"pytorch fp32 ({runner.runtime}, saved artifact, {', '.join(compared)})")
+            checks["program"] = _program_parity(pipe, model, feeds, refs, runner.inputs[0]["name"])
+            golden_kept = write_golden(tmp / golden_path.name, feeds, refs, compared)
         timings["check"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
 
@@ -195,17 +194,19 @@ def export(
             "artifact": artifact.name,
             "weights": str(weights) if weights else None,
             "random_init": random_init,
-            "params": count_params(model),
+            "params": meta.params,
             "macs": count_macs(model, hw, batch),
-            "normalization": {"mean": list(info.mean), "std": list(info.std),
-                              "in_graph": pipe.raw_input,
-                              "input_range": f"0-{pipe.input_scale:g}" if pipe.raw_input else "normalized"},
-            "io": io,
+            "normalization": normalization,
+            "preprocess": {"resize": "shorter side to res / crop_pct", "crop_pct": CROP_PCT,
+                           "interpolation": "bicubic", "crop": "center"},
+            "io": facts.pop("io"),
             "passes": [p.as_dict() for p in pipe.passes],
             "pass_tolerance": pipe.tolerance,
             "graph": {"before": pipe.before.as_dict(), "after": pipe.after.as_dict()},
-            "backend": backend,
+            "backend": facts,
             "checks": checks,
+            "gate": asdict(backend.gate(options, trained=not random_init)),
+            "golden": {"file": golden_path.name, "samples": golden_kept} if golden_kept else None,
             "seconds": {k: round(v, 3) for k, v in timings.items()},
             "tools": _tool_versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -214,13 +215,25 @@ def export(
         staged_manifest = tmp / manifest_path.name
         staged_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
         artifacts.commit(staged, artifact)
+        if golden_kept:
+            artifacts.commit(tmp / golden_path.name, golden_path)
         artifacts.commit(staged_manifest, manifest_path)
     return ExportResult(name, format, hw, artifact, manifest_path, manifest, pipe,
                         parity=checks.get("parity"), checks=checks, random_init=random_init, seconds=timings)
 
 
-def _refuse_high_rank(pipe: PipelineResult, pass_names: list[str]) -> None:
-    """Core ML rejects rank > 5; say which tensor and which pass fixes it, before coremltools does."""
+def _program_parity(pipe: PipelineResult, model, feeds, refs, in_name: str) -> dict:
+    """Second opinion, cheap: the rewritten torch program handed to the converter, in fp32 —
+    separates what the passes did from what the converter and runtime did."""
+    gm = pipe.program.module()
+    with torch.no_grad():
+        outs = [gm(torch.from_numpy(f[in_name])).numpy() for f in feeds]
+    return judge(outs, [r[0] for r in refs], Gate(PROGRAM_TOLERANCE), "pytorch fp32 (rewritten torch program, "
+                 "as handed to the converter)")
+
+
+def _refuse_high_rank(pipe: PipelineResult, pass_names: list[str], fmt) -> None:
+    """A runtime's rank limit: say which tensor and which pass fixes it, before the converter does."""
     from .passes.base import annotate, shape
     from .passes.rank_le5 import high_rank_nodes, source_of
 
@@ -230,23 +243,13 @@ def _refuse_high_rank(pipe: PipelineResult, pass_names: list[str]) -> None:
     first = nodes[0] if nodes else None
     where = f"rank-{len(shape(first))} tensor {shape(first)} at {source_of(first)}" if first else "a rank > 5 tensor"
     refused = next((p.refused for p in pipe.passes if p.name == "rank_le5" and p.refused), None)
+    lim = f"{fmt.title} supports tensors of rank ≤ {fmt.max_rank}"
     if refused:
-        raise EdgeExportError(f"Core ML supports tensors of rank ≤ 5, but the graph has {where} "
-                              f"({len(nodes)} in all) and the rank_le5 pass could not rewrite it: {refused}")
-    raise EdgeExportError(f"Core ML supports tensors of rank ≤ 5, but the graph has {where} ({len(nodes)} in all); "
+        raise EdgeExportError(f"{lim}, but the graph has {where} ({len(nodes)} in all) and the rank_le5 pass "
+                              f"could not rewrite it: {refused}")
+    raise EdgeExportError(f"{lim}, but the graph has {where} ({len(nodes)} in all); "
                           f"the rank_le5 pass rewrites these: use --passes default or add rank_le5 "
                           f"(now: {','.join(pass_names) or 'none'})")
-
-
-class WithSoftmax(torch.nn.Module):
-    """The model followed by softmax over classes (Core ML classifiers report probabilities)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return torch.softmax(self.model(x), dim=-1)
 
 
 def _num_classes(model: torch.nn.Module, example: torch.Tensor) -> int:
@@ -257,19 +260,203 @@ def _num_classes(model: torch.nn.Module, example: torch.Tensor) -> int:
         return int(model(example[:1]).shape[-1])
 
 
-def _onnx_parity(path: Path, model: torch.nn.Module, pipe: PipelineResult, count: int = 3):
-    from .exporters.check import compare, seeded_inputs
-    from .exporters.onnx import ort_session
+# --- run and check: any artifact, through its format's Runner ----------------------------------
 
-    sess = ort_session(path)
-    in_name = sess.get_inputs()[0].name
-    xs = seeded_inputs(tuple(pipe.example_input.shape), count, pipe.input_scale if pipe.raw_input else None)
-    outs, refs = [], []
-    with torch.no_grad():
-        for x in xs:
-            outs.append(sess.run(None, {in_name: x.numpy()})[0])
-            refs.append(model(pipe.reference_input(x)).numpy())
-    return compare(outs, refs, ONNX_TOLERANCE)
+def load(artifact: str | Path):
+    """The Runner of an artifact (``.onnx``, ``.mlpackage``): numpy dict in, numpy dict out."""
+    from . import exporters
+
+    return exporters.load(artifact)
+
+
+def _read_manifest(artifact: Path, fmt, required: bool) -> dict | None:
+    path = fmt.manifest_path(artifact)
+    if not path.is_file():
+        if required:
+            raise EdgeExportError(f"no manifest beside {artifact} (expected {path.name}); check needs the manifest "
+                                  "edgevit-export writes with every artifact — re-export it")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgeExportError(f"manifest {path} is not readable JSON ({type(e).__name__}); re-export the artifact") from None
+
+
+@dataclass
+class CheckReport:
+    artifact: Path
+    format: str
+    model: str
+    runtime: str
+    reference: str            # "golden file" or the checkpoint the outputs were recomputed from
+    parity: dict
+    sha256_matches: bool
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.parity.get("passed"))
+
+
+def check(artifact: str | Path, *, weights: str | None = None, progress: Callback | None = None) -> CheckReport:
+    """Re-run an artifact's parity check: its Runner on the golden inputs against the golden PyTorch
+    outputs, or (with ``weights``) against the PyTorch model rebuilt from the manifest and that
+    checkpoint. Held to the gate the manifest records (an fp16 gate applies once weights are given)."""
+    from . import exporters
+    from .exporters import artifacts
+    from .exporters.check import read_golden
+
+    path = Path(artifact).expanduser()
+    fmt = exporters.of_artifact(path)
+    manifest = _read_manifest(path, fmt, required=True)
+    golden = fmt.golden_path(path)
+    if weights is None and not golden.is_file():
+        raise EdgeExportError(f"no golden file beside {path} (expected {golden.name}); pass --weights CKPT to "
+                              "check against the checkpoint, or re-export without --no-check")
+    emit(progress, f"load {fmt.title} runner")
+    runner = exporters.load(path)
+    in_name = runner.inputs[0]["name"]
+    if golden.is_file():
+        feeds, refs, names = read_golden(golden)
+        source = f"golden file {golden.name}"
+    else:
+        feeds = seeded_feeds(runner.inputs, 3, raw_scale(manifest["normalization"]))
+        refs, names = None, None
+        source = ""
+    g = manifest.get("gate") or {}
+    gate = Gate(g.get("tolerance", PROGRAM_TOLERANCE), g.get("min_cosine"), g.get("gated", True), g.get("note", ""))
+    if weights is not None:
+        emit(progress, "rebuild the PyTorch model")
+        _, _, model, _ = prepare_model(manifest["model"], tuple(manifest["resolution"]), weights, None)
+        refs = [torch_outputs(model, reference_input(f[in_name], manifest["normalization"])) for f in feeds]
+        source = f"PyTorch {manifest['model']} with {weights}" + (f" on the inputs of {golden.name}" if names else "")
+        gate = Gate(gate.tolerance, gate.min_cosine, gated=True)
+    emit(progress, "run the artifact")
+    outs = [runner.numeric(f) for f in feeds]
+    compared = names or list(outs[0])
+    missing = [n for n in compared if n not in outs[0]]
+    if missing:
+        raise EdgeExportError(f"{path.name} has no output '{missing[0]}' that the golden file holds; "
+                              "the artifact does not belong to this golden file — re-export it")
+    parity = judge([o[compared[0]] for o in outs], [r[0] for r in refs], gate,
+                   f"{source} ({runner.runtime}, {', '.join(compared)})")
+    return CheckReport(path, fmt.name, manifest.get("model", "?"), runner.runtime, source, parity,
+                       manifest.get("sha256") == artifacts.sha256(path))
+
+
+@dataclass
+class Prediction:
+    source: str                        # the image file, or "seeded input"
+    top: list[tuple[str, float]]       # (label, probability), best first
+
+
+@dataclass
+class OutputStats:
+    name: str
+    shape: list[int]
+    min: float
+    max: float
+    mean: float
+    std: float
+
+
+@dataclass
+class RunReport:
+    artifact: Path
+    format: str
+    runtime: str
+    seeded: bool
+    preprocess: str
+    predictions: list[Prediction]
+    outputs: list[OutputStats]
+    probabilities: str                 # where the probabilities come from (the classifier, or softmax of logits)
+    seconds: float
+    random_init: bool                  # the manifest says the weights were random
+
+
+def run(artifact: str | Path, *, images: list[str | Path] | None = None, top: int = 5,
+        progress: Callback | None = None) -> RunReport:
+    """Run an artifact on image files (with the preprocessing its manifest records) or, without
+    images, on one seeded input; the top-k labels with probabilities, and each output's statistics."""
+    import numpy as np
+
+    from . import exporters
+    from .calibration.data import CorruptImage, Preprocess, load_image
+    from .exporters.coreml import imagenet_labels
+
+    if top < 1:
+        raise EdgeExportError(f"--top must be at least 1, got {top}")
+    path = Path(artifact).expanduser()
+    fmt = exporters.of_artifact(path)
+    manifest = _read_manifest(path, fmt, required=False) or {}
+    files = [Path(p).expanduser() for p in images or []]
+    for f in files:
+        if not f.is_file():
+            raise EdgeExportError(f"--image file not found: {f}")
+    emit(progress, f"load {fmt.title} runner")
+    runner = exporters.load(path)
+    spec = runner.inputs[0]
+    batch, hw = int(spec["shape"][0]), (int(spec["shape"][2]), int(spec["shape"][3]))
+    norm = manifest.get("normalization") or {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                              "in_graph": spec.get("kind") == "image", "input_range": "0-255"}
+    raw = raw_scale(norm)
+    crop = (manifest.get("preprocess") or {}).get("crop_pct", CROP_PCT)
+    pre = Preprocess(hw, tuple(norm["mean"]), tuple(norm["std"]), crop_pct=crop, raw_scale=raw)
+    samples: list[tuple[str, np.ndarray]] = []
+    for f in files:
+        try:
+            samples.append((str(f), pre.image(load_image(f))))
+        except CorruptImage as e:
+            raise EdgeExportError(f"--image {f} is not a readable image ({e})") from None
+    seeded = not samples
+    described = pre.describe()
+    if seeded:
+        x = seeded_feeds(runner.inputs, 1, raw)[0][spec["name"]]
+        samples = [("seeded input", s) for s in x]
+        described = ("one seeded input (no --image): " +
+                     (f"random pixels 0-{raw:g}" if raw is not None else "N(0, 1) in place of a normalised image"))
+    t = time.perf_counter()
+    results: list[dict] = []
+    for i in range(0, len(samples), batch):
+        chunk = [s for _, s in samples[i:i + batch]]
+        chunk += [chunk[-1]] * (batch - len(chunk))       # a fixed-batch artifact: pad with the last image
+        out = runner({spec["name"]: np.stack(chunk).astype(np.float32)})
+        n = min(batch, len(samples) - i)
+        results += [{k: v[j] for k, v in out.items()} for j in range(n)]
+    seconds = time.perf_counter() - t
+    emit(progress, "done")
+    probs_name, labels, how = _probabilities(runner, results[0])
+    if labels is None and probs_name is not None:
+        n = results[0][probs_name].shape[-1]
+        labels = imagenet_labels() if n == 1000 else [str(k) for k in range(n)]
+    predictions = []
+    for (src, _), r in zip(samples, results):
+        if probs_name is None:
+            break
+        p = r[probs_name].astype(np.float64)
+        if how.startswith("softmax"):
+            p = np.exp(p - p.max())
+            p /= p.sum()
+        order = np.argsort(-p)[:top]
+        predictions.append(Prediction(src, [(labels[k], float(p[k])) for k in order]))
+    stats = []
+    for name in results[0]:
+        v = np.stack([r[name] for r in results])
+        if v.dtype.kind in "fiu":
+            v = v.astype(np.float64)
+            stats.append(OutputStats(name, list(v.shape), float(v.min()), float(v.max()), float(v.mean()),
+                                     float(v.std())))
+    return RunReport(path, fmt.name, runner.runtime, seeded, described, predictions, stats, how, seconds,
+                     bool(manifest.get("random_init")))
+
+
+def _probabilities(runner, result: dict) -> tuple[str | None, list[str] | None, str]:
+    """Which output holds class scores: a classifier's probabilities, else a 1-D logits output."""
+    if getattr(runner, "classifier", False):
+        return runner.probabilities_name, runner.labels, "the classifier's probabilities"
+    vec = [k for k, v in result.items() if getattr(v, "ndim", 0) == 1 and v.dtype.kind == "f"]
+    if len(vec) == 1:
+        return vec[0], getattr(runner, "labels", None), f"softmax of '{vec[0]}'"
+    return None, None, "no class scores (feature outputs)"
 
 
 @dataclass
@@ -381,22 +568,23 @@ def _findings(gm, fmt: str) -> list[Finding]:
 
 
 def inspect(name: str, *, res=None, format: str = "onnx", passes: str | None = "default",
-            weights: str | None = None, progress: Callable[[str], None] | None = None) -> InspectReport:
+            weights: str | None = None, progress: Callback | None = None) -> InspectReport:
     """The mobile-unfriendliness report of a model's graph before and after the pass pipeline."""
     from .passes import graph_stats
     from .passes.base import annotate
 
-    if format not in FORMATS:
-        raise EdgeExportError(f"unknown format '{format}'; use one of: {', '.join(FORMATS)}")
+    from . import exporters
+
+    exporters.get(format)
     names = resolve_passes(passes, format)
     info_, hw, model, _ = prepare_model(name, res, weights, None)
     example = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
-    (progress or (lambda s: None))("capture")
+    emit(progress, "capture")
     ep = capture(model, example)
     gm0 = ep.module()
     annotate(gm0, (example,))
     ctx = PassContext((example,), mean=info_.mean, std=info_.std)
-    pipe = run_passes(ep, names, ctx, progress=progress)
+    pipe = run_passes(ep, names, ctx, progress=lambda n: emit(progress, f"pass {n}"))
     gm1 = pipe.program.module()
     annotate(gm1, (pipe.example_input,))
     return InspectReport(name, format, hw, names, graph_stats(gm0).as_dict(), graph_stats(gm1).as_dict(),

@@ -148,39 +148,40 @@ def export(
     from . import api
 
     started = time.perf_counter()
-    last = {"t": started, "name": None}
 
-    def progress(stepname: str):
-        if stepname == "build model" and weights is None:  # inputs are valid by now
+    def progress(event):
+        if event.task == "build model" and weights is None:  # inputs are valid by now
             console.print(f"[yellow]no --weights: {model} is randomly initialised (seed 0); "
                           "the artifact is for testing the pipeline, not for predictions[/]")
-        now = time.perf_counter()
-        if last["name"]:
-            console.print(f"  [dim]✓ {last['name']} ({now - last['t']:.1f}s)[/]")
-        last.update(t=now, name=stepname)
-        status.update(f"{stepname}…")
+        bars(event)
 
-    with console.status("starting…") as status:
+    from .bars import Bars
+
+    with Bars(console) as bars:
         r = api.export(model, format=format, res=res, weights=str(weights) if weights else None, out=out,
                        output=output, opset=opset, batch=batch, check=not no_check, force=force,
                        passes=passes, distilled=distilled, target=target, precision=precision,
                        tensor_input=tensor_input, labels=str(labels) if labels else None, logits=logits,
                        progress=progress)
-        progress("done")
     render_passes(r.pipeline)
     render_checks(r.checks)
+    golden = (f"\n[bold green]wrote[/] {r.manifest_path.with_name(r.manifest['golden']['file'])}  "
+              f"({r.manifest['golden']['samples']} seeded inputs and PyTorch's outputs, for 'edgevit-export check')"
+              if r.manifest.get("golden") else "")
     console.print(f"[bold green]wrote[/] {r.artifact}  ({_size(r.artifact)})\n[bold green]wrote[/] {r.manifest_path}"
-                  f"  [dim]{time.perf_counter() - started:.1f}s in all[/]")
+                  f"{golden}  [dim]{time.perf_counter() - started:.1f}s in all[/]")
     if not r.passed:
         failed = [k for k, c in r.checks.items() if not c.get("passed", True)]
+        fp16 = r.manifest["backend"].get("precision") == "fp16"
         hint = ("; the model loses accuracy in fp16 — export with --precision fp32"
-                if failed == ["parity_fp16"] else "")
+                if failed == ["parity"] and fp16 else "")
         raise CheckFailed(f"{', '.join(failed)} did not pass (artifact kept for inspection: {r.artifact}){hint}")
 
 
 def _size(p: Path) -> str:
-    n = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return f"{n / 1e6:.1f} MB"
+    from .exporters.artifacts import size_bytes
+
+    return f"{size_bytes(p) / 1e6:.1f} MB"
 
 
 def render_passes(pipe) -> None:
@@ -208,9 +209,11 @@ def render_checks(checks: dict) -> None:
         if c.get("gated") is False:
             mark = "[cyan]INFO[/]"
         if "max_rel" in c:
+            cos = f" ≥ {c['min_cosine']:g}" if c.get("min_cosine") else ""
             console.print(f"{mark} {name} vs {c.get('reference', 'pytorch')}: max abs {c['max_abs']:.2e}, "
-                          f"max rel {c['max_rel']:.2e} (≤ {c['tolerance']:g}), cosine {c['cosine']:.6f}, "
-                          f"top-1 agreement {c['top1_agree'] * 100:.0f}% over {c['samples']} inputs")
+                          f"max rel {c['max_rel']:.2e} (≤ {c['tolerance']:g}), cosine {c['cosine']:.6f}{cos}, "
+                          f"top-1 agreement {c['top1_agree'] * 100:.0f}% over {c['samples']} inputs",
+                          highlight=False)
             if c.get("note"):
                 console.print(f"     [dim]{c['note']}[/]", highlight=False)
         else:
@@ -248,7 +251,7 @@ def inspect_cmd(
     from . import api
 
     with console.status("capturing and rewriting…") as status:
-        r = api.inspect(model, res=res, format=format, passes=passes, progress=lambda s: status.update(f"{s}…"))
+        r = api.inspect(model, res=res, format=format, passes=passes, progress=lambda e: status.update(f"{e.task}…"))
     if as_json:
         print(json.dumps(asdict(r), indent=2, default=str))
         return
@@ -267,6 +270,69 @@ def inspect_cmd(
         where = ", ".join(fa.examples or fb.examples)
         t.add_row(fb.what, str(fb.count), f"[{style}]{fa.count}[/]" if style else str(fa.count), where, fb.source)
     console.print(t)
+
+
+@app.command("run")
+@handle_errors
+def run_cmd(
+    artifact: Path = typer.Argument(..., help="An exported .onnx or .mlpackage."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="Image file(s); repeat the flag. "
+                                               "Without: one seeded input."),
+    top: int = typer.Option(5, "--top", help="How many classes to show."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Run an artifact here with the preprocessing its manifest records: top-k labels, output statistics."""
+    from dataclasses import asdict
+
+    from . import api
+
+    with console.status("running…") as status:
+        r = api.run(artifact, images=image, top=top, progress=lambda e: status.update(f"{e.task}…"))
+    if as_json:
+        print(json.dumps(asdict(r), indent=2, default=str))
+        return
+    console.print(f"[bold]{r.artifact.name}[/] in {r.runtime}  [dim]({r.seconds:.2f}s)[/]", highlight=False)
+    console.print(f"[dim]input: {r.preprocess}[/]", highlight=False)
+    if r.random_init:
+        console.print("[yellow]this artifact was exported with random weights: its classes mean nothing[/]")
+    for p in r.predictions:
+        console.print(f"[bold]{p.source}[/] — {r.probabilities}:", highlight=False, soft_wrap=True)
+        t = Table()
+        t.add_column("#", justify="right")
+        t.add_column("class")
+        t.add_column("probability", justify="right")
+        for k, (label, prob) in enumerate(p.top, 1):
+            t.add_row(str(k), label, f"{prob:.4f}")
+        console.print(t)
+    t = Table(title="outputs", title_justify="left")
+    for col in ("name", "shape", "min", "max", "mean", "std"):
+        t.add_column(col, justify="left" if col in ("name", "shape") else "right")
+    for o in r.outputs:
+        t.add_row(o.name, "×".join(map(str, o.shape)), f"{o.min:.4g}", f"{o.max:.4g}", f"{o.mean:.4g}", f"{o.std:.4g}")
+    console.print(t)
+
+
+@app.command("check")
+@handle_errors
+def check_cmd(
+    artifact: Path = typer.Argument(..., help="An exported .onnx or .mlpackage (its manifest beside it)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Recompute PyTorch's outputs from this "
+                                           "checkpoint (default: the golden file written at export)."),
+):
+    """Re-run an artifact's parity check against PyTorch; exit 1 when it fails."""
+    from . import api
+
+    with console.status("checking…") as status:
+        r = api.check(artifact, weights=str(weights) if weights else None,
+                      progress=lambda e: status.update(f"{e.task}…"))
+    if not r.sha256_matches:
+        console.print(f"[yellow]{r.artifact.name} differs from the file its manifest describes (sha256)[/]")
+    render_checks({"parity": r.parity})
+    if not r.passed:
+        raise CheckFailed(f"{r.artifact.name} does not match PyTorch within its gate "
+                          f"(max rel {r.parity['max_rel']:.2e} > {r.parity['tolerance']:g}"
+                          + (f" or cosine {r.parity['cosine']:.6f} < {r.parity['min_cosine']:g}"
+                             if r.parity.get("min_cosine") else "") + ")")
 
 
 def _register_commands() -> None:

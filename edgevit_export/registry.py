@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from .errors import ResolutionError, UnknownModelError
+from . import weights as _weights  # one way: weights.py knows nothing of the registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,7 +47,7 @@ class ModelInfo:
 
     def params_agree(self, params: int) -> bool:
         """Whether a parameter count agrees with the paper's printed figure: within 1%, or equal
-        to it once rounded to the digits the paper prints (2.349M is the paper's "2.3M")."""
+        to it once rounded to the digits the paper prints (a count of 2.349M agrees with a printed "2.3M")."""
         if self.paper_params_m is None:
             return True
         p = params / 1e6
@@ -133,14 +135,10 @@ def create_model(
     loaded strictly; options the checkpoint implies (a distillation head, the number of classes)
     are taken from it unless given explicitly.
     """
-    import torch
-
-    from .weights import load_into, read_checkpoint, to_our_layout
-
     info = get_model_info(name)
     sd = None
     if weights is not None:
-        sd = to_our_layout(read_checkpoint(weights), info)
+        sd = _weights.to_our_layout(_weights.read_checkpoint(weights), info)
         if info.infer_kwargs is not None:
             for k, v in info.infer_kwargs(sd).items():
                 kwargs.setdefault(k, v)
@@ -151,5 +149,5 @@ def create_model(
     torch.manual_seed(seed)
     model = info.builder(**kwargs)
     if sd is not None:
-        load_into(model, sd, name, str(weights))
+        _weights.load_into(model, sd, name, str(weights))
     return model.eval()

@@ -13,12 +13,19 @@ import argparse
 import pickle
 import re
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
 
 from .errors import WeightsError, first_line
-from .registry import ModelInfo
+
+# This module knows nothing of the registry (registry.create_model uses it, never the reverse):
+# a family's layout mapping reaches it as anything with a ``convert_state_dict`` (a ModelInfo).
+
+
+class HasLayout(Protocol):
+    convert_state_dict: Callable[[dict], dict] | None
 
 _WRAPPERS = ("model", "state_dict", "model_ema", "module", "net")
 
@@ -96,7 +103,7 @@ def _is_state_dict(d: dict) -> bool:
     return bool(d) and all(isinstance(k, str) for k in d) and any(isinstance(v, torch.Tensor) for v in d.values())
 
 
-def to_our_layout(sd: dict[str, torch.Tensor], info: ModelInfo) -> dict[str, torch.Tensor]:
+def to_our_layout(sd: dict[str, torch.Tensor], info: HasLayout) -> dict[str, torch.Tensor]:
     """Map a foreign layout (timm's) to ours where the family knows how; ours passes through."""
     if info.convert_state_dict is not None:
         return info.convert_state_dict(sd)

@@ -1,5 +1,12 @@
+import contextlib
+import fcntl
+import hashlib
+import json
 import os
+import shutil
 import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,3 +34,75 @@ def cli(runner):
         return runner.invoke(app, [str(a) for a in args])
 
     return run
+
+
+# --- a real classifier: SHViT-S1 trained on the drawn shapes (cached across sessions) -------------
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "edgevit_export"
+TRAIN = dict(model="shvit_s1", res=64, per_class=200, epochs=10, batch=128, lr=8e-3, seed=0)
+
+
+def _digest(files: list[Path], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)   # concurrent sessions wait for one training
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _drop_stale(cache: Path, keep: Path, hours: float = 6.0) -> None:
+    """Remove trained sets of older code versions (untouched for a while: not in use elsewhere)."""
+    import time
+
+    for old in cache.glob("quantize-*"):
+        if old != keep and old.is_dir() and time.time() - old.stat().st_mtime > hours * 3600:
+            shutil.rmtree(old, ignore_errors=True)
+            old.with_name(old.name + ".lock").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """SHViT-S1 trained on drawn shapes + calibration/held-out folders + its float ONNX (cached)."""
+    import inspect
+
+    from edgevit_export import api
+    from edgevit_export.calibration import data as cdata
+    from edgevit_export.calibration.shapes import write_shapes
+    from edgevit_export.calibration.train import TEST_SEED, TRAIN_SEED, draw_size, train_shapes
+
+    cache = ROOT / ".edgevit-cache"
+
+    key = _digest([PKG / "calibration" / f for f in ("shapes.py", "train.py")] + [PKG / "models" / "shvit.py"],
+                  json.dumps(TRAIN, sort_keys=True) + torch.__version__ + inspect.getsource(cdata.Preprocess))
+    d = cache / f"quantize-{key}"
+    ckpt = d / "shvit_s1-shapes-64.pth"
+    with _locked(cache / f"quantize-{key}.lock"):
+        if not (d / "done").exists():
+            _drop_stale(cache, keep=d)
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            r = train_shapes(ckpt, **TRAIN)
+            write_shapes(d / "calib", 20, size=draw_size(64), seed=TRAIN_SEED)   # 200 training-like images
+            write_shapes(d / "test", 100, size=draw_size(64), seed=TEST_SEED)   # 1,000 held-out images
+            (d / "train.json").write_text(json.dumps({"val_top1": r.val_top1, "seconds": r.seconds,
+                                                      "history": r.history}))
+            (d / "done").touch()
+        # the float ONNX depends on the exporter too: its own key, re-exported when that code changes
+        ekey = _digest(sorted((PKG / "exporters").glob("*.py")) + sorted((PKG / "passes").glob("*.py")) +
+                       [PKG / "api.py"], "")
+        onnx_path = d / f"float-{ekey}" / "shvit_s1-64.onnx"
+        if not onnx_path.exists():
+            api.export("shvit_s1", format="onnx", res=64, weights=str(ckpt), out=onnx_path.parent, force=True)
+    return SimpleNamespace(dir=d, ckpt=ckpt, calib=d / "calib", test=d / "test", onnx=onnx_path,
+                           train=json.loads((d / "train.json").read_text()))

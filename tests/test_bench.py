@@ -18,10 +18,13 @@ from edgevit_export.bench import report
 from edgevit_export.bench.env import collect
 from edgevit_export.bench.profile import classify, profile_onnx
 from edgevit_export.bench.protocols import PROTOCOLS, get_protocol
-from edgevit_export.bench.runner import (BenchResult, Timing, cached_export, measure_matmul_peak, onnx_input,
-                                         time_callable, time_onnx)
+from edgevit_export.bench.cache import cached_export
+from edgevit_export.bench.matmul_peak import measure_matmul_peak
+from edgevit_export.bench.onnx_facts import onnx_input
+from edgevit_export.bench.results import BenchResult, Timing
+from edgevit_export.bench.timing import time_callable, time_onnx
 from edgevit_export.errors import EdgeExportError
-from edgevit_export.exporters.onnx import ort_session
+from edgevit_export.ort import session
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +42,7 @@ def s1_64(cache):
 
 def _plain_median(path, threads: int, runs: int) -> float:
     """A plain onnxruntime timing loop: session, warm-up, perf_counter around run()."""
-    sess = ort_session(path, threads=threads)
+    sess = session(path, threads=threads)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
     for _ in range(10):

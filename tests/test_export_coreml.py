@@ -41,9 +41,11 @@ def test_checks_pass_and_are_recorded(s1_coreml):
     assert r.manifest_path.name == "shvit_s1-64.coreml.json"
     s = m["checks"]["structure"]
     assert s["passed"] and s["max_rank"] <= 5 and s["ops"]["conv"] > 50
-    assert m["checks"]["parity"]["passed"] and m["checks"]["parity"]["max_rel"] <= 1e-4
-    fp16 = m["checks"]["parity_fp16"]  # random weights: measured and recorded, not gated
+    assert m["checks"]["program"]["passed"] and m["checks"]["program"]["max_rel"] <= 1e-4
+    fp16 = m["checks"]["parity"]  # the fp16 package in the runner; random weights: recorded, not gated
     assert fp16["gated"] is False and "--weights" in fp16["note"] and 0 < fp16["max_rel"] < 1
+    assert "Core ML reference runner" in fp16["reference"] and fp16["tolerance"] == 2e-2
+    assert m["gate"] == {"tolerance": 2e-2, "min_cosine": 0.999, "gated": False, "note": fp16["note"]}
     assert "normalize_input" in [p["name"] for p in m["passes"]]
 
 
@@ -61,12 +63,12 @@ def test_fp16_check_is_gated_with_weights(cli, tmp_path):
              "--out", tmp_path / "ok")
     assert ok.exit_code == 0, ok.output
     m = json.loads((tmp_path / "ok" / "shvit_s1-64.coreml.json").read_text())
-    assert m["checks"]["parity_fp16"]["gated"] is True and m["checks"]["parity_fp16"]["passed"]
+    assert m["checks"]["parity"]["gated"] is True and m["checks"]["parity"]["passed"]
     # logits beyond fp16's range (65504): the fp16 program cannot represent them
     bad = cli("export", "shvit_s1", "--format", "coreml", "--res", "64", "--weights",
               _checkpoint(tmp_path, scale_head=1e6), "--out", tmp_path / "bad")
     assert bad.exit_code == 1, bad.output
-    assert "parity_fp16 did not pass" in bad.output and "--precision fp32" in bad.output
+    assert "parity did not pass" in bad.output and "--precision fp32" in bad.output
     assert "Traceback" not in bad.output
 
 
@@ -86,7 +88,7 @@ def test_tensor_input_and_logits(tmp_path):
     assert spec.description.input[0].type.WhichOneof("Type") == "multiArrayType"
     assert [o.name for o in spec.description.output] == ["logits"] and not spec.description.predictedFeatureName
     assert "normalize_input" not in [p.name for p in r.pipeline.passes]
-    assert r.passed and "parity_fp16" not in r.checks
+    assert r.passed and r.checks["parity"]["gated"] and r.checks["parity"]["max_rel"] <= 1e-4
 
 
 def test_litv2_rank6_without_passes_is_named(cli, tmp_path):

@@ -32,7 +32,7 @@ def test_export_writes_artifact_and_manifest(s1_export):
 
 def test_onnx_matches_pytorch_on_fresh_input(s1_export):
     """Independent of the built-in check: run the file in onnxruntime against the same model."""
-    from edgevit_export.exporters.onnx import ort_session
+    from edgevit_export.ort import session
     from edgevit_export.weights import calibrate_norm_stats, randomize_norm_stats
 
     r, _ = s1_export
@@ -40,7 +40,7 @@ def test_onnx_matches_pytorch_on_fresh_input(s1_export):
     randomize_norm_stats(model, 0)
     calibrate_norm_stats(model, (64, 64), 0)  # as export does without --weights
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(99))
-    y = ort_session(r.artifact).run(None, {"images": x.numpy()})[0]
+    y = session(r.artifact).run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-4
@@ -80,7 +80,9 @@ def test_cli_export_and_existing_file_needs_force(cli, tmp_path):
 
 
 def test_failed_parity_exits_1_and_keeps_artifact(cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "ONNX_TOLERANCE", 0.0)
+    from edgevit_export.exporters import onnx as onnx_format
+
+    monkeypatch.setattr(onnx_format, "TOLERANCE", 0.0)
     res = cli("export", "shvit_s1", "--res", "64", "--out", tmp_path, "--passes", "none")
     assert res.exit_code == 1, res.output
     assert "parity" in res.output and (tmp_path / "shvit_s1-64.onnx").exists()

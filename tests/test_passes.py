@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgevit_export.passes import PASSES, PassContext, run_passes
-from edgevit_export.passes.base import Pass, PassRefused
+from edgevit_export.passes.base import Pass
 
 
 def _run(module, x, names, **ctx):
@@ -173,6 +173,85 @@ def test_normalize_input_exact_and_folds_only_without_padding(padding, folded):
     x = r.example_input
     assert x.min() >= 0 and x.max() > 1  # raw pixels
     _assert_same(r, m)
+
+
+class ComputedWeights(nn.Module):
+    """Conv → BN and BN → linear whose weights are not constants: computed in the graph (tanh of a
+    parameter, which constant_value does not evaluate), no bias."""
+
+    def __init__(self, padding=1):
+        super().__init__()
+        self.padding = padding
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.lw = nn.Parameter(torch.randn(5, 8))
+        self.bn = nn.BatchNorm2d(8)
+        self.bn1 = nn.BatchNorm1d(8)
+        for bn in (self.bn, self.bn1):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        y = self.bn(F.conv2d(x, torch.tanh(self.w), padding=self.padding))
+        return F.linear(self.bn1(y.mean((2, 3))), torch.tanh(self.lw))
+
+
+class WeightInput(nn.Module):
+    """Conv (no padding, no bias) → BN with the conv's weight an input of the program."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, w):
+        return self.bn(F.conv2d(x, w))
+
+
+def _weight_arg(gm):
+    conv = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default and n.args[1].op != "get_attr")
+    return conv, conv.args[1]
+
+
+def test_fold_batchnorm_leaves_convs_and_linears_with_computed_weights_alone():
+    m = ComputedWeights()
+    r, p = _run(m, torch.randn(2, 3, 8, 10), ["fold_batchnorm"])
+    assert p.refused is None and p.changed == 0
+    assert r.after.by_op.get("batch_norm", 0) + r.after.by_op.get("_native_batch_norm_legit_no_training", 0) == 2
+    _assert_same(r, m)
+
+
+def test_fold_batchnorm_leaves_a_conv_whose_weight_is_an_input_alone():
+    from edgevit_export.passes.fold_batchnorm import FoldBatchNorm
+
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    gm = torch.export.export(WeightInput().eval(), (x, w)).module()
+    conv, weight = _weight_arg(gm)
+    assert weight.op == "placeholder"
+    code = gm.code
+    assert FoldBatchNorm().apply(gm, PassContext((x, w))) == 0
+    assert gm.code == code and conv.args[1] is weight
+
+
+def test_normalize_input_leaves_a_computed_first_conv_weight_alone():
+    m = ComputedWeights(padding=0)  # unpadded, no bias: would be folded were its weight constant
+    r, p = _run(m, torch.randn(1, 3, 9, 9), ["normalize_input"])
+    assert r.raw_input and p.changed == 1 and p.refused is None
+    assert p.after.nodes == p.before.nodes + 1  # the normalisation stays its own 1×1 conv
+    gm = r.program.module()
+    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert len(convs) == 2 and any(n.args[1].target is torch.ops.aten.tanh.default for n in convs)
+    _assert_same(r, m)
+
+
+def test_normalize_input_leaves_a_first_conv_whose_weight_is_an_input_alone():
+    from edgevit_export.passes.normalize_input import NormalizeInput
+
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    gm = torch.export.export(WeightInput().eval(), (x, w)).module()
+    conv, weight = _weight_arg(gm)
+    assert NormalizeInput().apply(gm, PassContext((x, w))) == 1  # normalised by its own 1×1 conv
+    assert conv.args[1] is weight
+    norm = conv.args[0]
+    assert norm.target is torch.ops.aten.conv2d.default and norm.args[0].op == "placeholder"
 
 
 class Breaks(Pass):

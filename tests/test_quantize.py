@@ -7,9 +7,6 @@ keyed by the code that makes it — and quantize that real classifier.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -21,78 +18,15 @@ import onnx
 import pytest
 import torch
 
+from edgevit_export import metrics
 from edgevit_export.calibration import accuracy as acc
+from edgevit_export.calibration import coreml_weights as cw
 from edgevit_export.calibration import data as cdata
-from edgevit_export.calibration import quantize as q
-from edgevit_export.calibration.shapes import CLASSES, draw, write_shapes
-from edgevit_export.calibration.train import TEST_SEED, TRAIN_SEED, draw_size, train_shapes
+from edgevit_export.calibration.evaluation import evaluate
+from edgevit_export.calibration.shapes import CLASSES, draw
 from edgevit_export.exporters.artifacts import sha256
 
-ROOT = Path(__file__).resolve().parents[1]
-PKG = ROOT / "edgevit_export"
-TRAIN = dict(model="shvit_s1", res=64, per_class=200, epochs=10, batch=128, lr=8e-3, seed=0)
 THREADS = "1"   # one onnxruntime/torch thread: robust on a shared, busy 2-core machine
-
-
-def _digest(files: list[Path], extra: str) -> str:
-    h = hashlib.sha256(extra.encode())
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)   # concurrent sessions wait for one training
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _drop_stale(cache: Path, keep: Path, hours: float = 6.0) -> None:
-    """Remove trained sets of older code versions (untouched for a while: not in use elsewhere)."""
-    import time
-
-    for old in cache.glob("quantize-*"):
-        if old != keep and old.is_dir() and time.time() - old.stat().st_mtime > hours * 3600:
-            shutil.rmtree(old, ignore_errors=True)
-            old.with_name(old.name + ".lock").unlink(missing_ok=True)
-
-
-@pytest.fixture(scope="session")
-def trained():
-    """SHViT-S1 trained on drawn shapes + calibration/held-out folders + its float ONNX (cached)."""
-    from edgevit_export import api
-
-    cache = ROOT / ".edgevit-cache"
-    import inspect
-
-    key = _digest([PKG / "calibration" / f for f in ("shapes.py", "train.py")] + [PKG / "models" / "shvit.py"],
-                  json.dumps(TRAIN, sort_keys=True) + torch.__version__ + inspect.getsource(cdata.Preprocess))
-    d = cache / f"quantize-{key}"
-    ckpt = d / "shvit_s1-shapes-64.pth"
-    with _locked(cache / f"quantize-{key}.lock"):
-        if not (d / "done").exists():
-            _drop_stale(cache, keep=d)
-            shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(parents=True)
-            r = train_shapes(ckpt, **TRAIN)
-            write_shapes(d / "calib", 20, size=draw_size(64), seed=TRAIN_SEED)   # 200 training-like images
-            write_shapes(d / "test", 100, size=draw_size(64), seed=TEST_SEED)   # 1,000 held-out images
-            (d / "train.json").write_text(json.dumps({"val_top1": r.val_top1, "seconds": r.seconds,
-                                                      "history": r.history}))
-            (d / "done").touch()
-        # the float ONNX depends on the exporter too: its own key, re-exported when that code changes
-        ekey = _digest(sorted((PKG / "exporters").glob("*.py")) + sorted((PKG / "passes").glob("*.py")) +
-                       [PKG / "api.py"], "")
-        onnx_path = d / f"float-{ekey}" / "shvit_s1-64.onnx"
-        if not onnx_path.exists():
-            api.export("shvit_s1", format="onnx", res=64, weights=str(ckpt), out=onnx_path.parent, force=True)
-    return SimpleNamespace(dir=d, ckpt=ckpt, calib=d / "calib", test=d / "test", onnx=onnx_path,
-                           train=json.loads((d / "train.json").read_text()))
 
 
 def _manifest(out: Path, name: str = "shvit_s1-64.int8.json") -> dict:
@@ -169,8 +103,8 @@ def test_evaluate_model_and_artifact(cli, trained, int8_run):
               "--limit", 300, "--threads", THREADS)
     assert res.exit_code == 0, res.output
     assert "top-1 per class" in res.output and "star" in res.output
-    r_pt = q.evaluate("shvit_s1", trained.test, res=64, weights=str(trained.ckpt), limit=300, threads=1)
-    r_i8 = q.evaluate(str(int8_run.out / "shvit_s1-64.int8.onnx"), trained.test, limit=300, threads=1)
+    r_pt = evaluate("shvit_s1", trained.test, res=64, weights=str(trained.ckpt), limit=300, threads=1)
+    r_i8 = evaluate(str(int8_run.out / "shvit_s1-64.int8.onnx"), trained.test, limit=300, threads=1)
     assert r_pt.kind == "pytorch" and r_i8.kind == "onnx" and r_pt.topk.images == r_i8.topk.images == 300
     assert r_pt.topk.top1 >= 90 and abs(r_pt.topk.top1 - r_i8.topk.top1) <= 3.0
     # a folder with other classes than the head: one line, exit 2
@@ -410,13 +344,13 @@ def test_agreement_and_topk_figures():
 def test_kmeans_palette_is_a_palette():
     w = np.random.default_rng(0).standard_normal((64, 32, 3, 3)).astype(np.float32)
     for bits in (4, 6):
-        lut, idx = q.kmeans_lut(w, bits)
+        lut, idx = cw.kmeans_lut(w, bits)
         assert lut.shape == (1 << bits,) and idx.dtype == np.uint8 and idx.size == w.size
         deq = lut[idx].reshape(w.shape)
         assert len(np.unique(deq)) <= 1 << bits
-        assert acc.sqnr_db(w, deq) > (18 if bits == 4 else 28)
-    lut2, idx2 = q.kmeans_lut(w, 4)
-    assert (lut2 == q.kmeans_lut(w, 4)[0]).all()     # deterministic
+        assert metrics.sqnr_db(w, deq) > (18 if bits == 4 else 28)
+    lut2, idx2 = cw.kmeans_lut(w, 4)
+    assert (lut2 == cw.kmeans_lut(w, 4)[0]).all()     # deterministic
 
 
 def test_torch_int8_weights_match_coremltools():
@@ -427,13 +361,13 @@ def test_torch_int8_weights_match_coremltools():
     conv = torch.nn.Conv2d(64, 128, 3)
     gm = torch.fx.symbolic_trace(torch.nn.Sequential(conv))
     w = conv.weight.detach().numpy().copy()
-    counts = q.compress_torch_weights(gm, weights_bits=8, palettize=None)
+    counts = cw.compress_torch_weights(gm, weights_bits=8, palettize=None)
     assert counts["tensors"] == 1
     p = lq.blockwise_compress(w, nbits=8, mode="LINEAR_SYMMETRIC", signed=True, block_sizes=[1, 0, 0, 0])
     ref = ou.dequantize_by_scale_and_zp(p.data, p.scale, p.offset)
     got = dict(gm.named_parameters())["0.weight"].detach().numpy()
     assert np.array_equal(got, ref.astype(np.float32)) and not np.array_equal(got, w)
-    assert acc.sqnr_db(w, got) > 35
+    assert metrics.sqnr_db(w, got) > 35
 
 
 # --- slow: the model-name flow (exports itself) and Core ML ------------------------------------

@@ -74,6 +74,20 @@ def test_distilled_checkpoint_averages_both_heads(tmp_path):
         assert torch.equal(loaded(x), src(x))
 
 
+def test_headless_checkpoint_builds_headless_model(tmp_path):
+    # As the official code: num_classes=0 builds no head, and the pooled stage-3 features come out.
+    src = _trained_like("shvit_s1", num_classes=0)
+    assert not any(k.startswith("head") for k in src.state_dict())
+    path = tmp_path / "features.pth"
+    torch.save({"model": src.state_dict()}, path)
+    loaded = create_model("shvit_s1", weights=str(path))
+    assert loaded.num_classes == 0
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert loaded(x).shape == (1, 320)
+        assert torch.equal(loaded(x), src(x))
+
+
 def test_official_se_weights_stored_as_matrices_load(tmp_path):
     src = _trained_like("shvit_s1")
     sd = {k: (v[:, :, 0, 0] if ".se.fc" in k and k.endswith("weight") else v) for k, v in src.state_dict().items()}

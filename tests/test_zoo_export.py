@@ -19,10 +19,15 @@ def _family_representatives():
     return sorted(seen.values())
 
 
-def _export_and_check(name, res, fmt, tmp_path):
-    r = api.export(name, format=fmt, res=res, out=tmp_path)
+def _export_and_check(name, res, fmt, tmp_path, precision="fp16"):
+    r = api.export(name, format=fmt, res=res, out=tmp_path, precision=precision)
     assert r.passed, r.checks
-    assert r.checks["parity"]["max_rel"] <= 1e-4
+    assert r.checks["program"]["max_rel"] <= 1e-4     # the rewritten torch program, fp32
+    p = r.checks["parity"]                            # the saved artifact in its runner
+    if fmt == "onnx" or precision == "fp32":
+        assert p["gated"] and p["max_rel"] <= 1e-4, p
+    else:  # an fp16 package of a random network: recorded, not gated; a broken op would show far more
+        assert not p["gated"] and p["cosine"] >= 0.99 and p["max_rel"] < 0.2, p
     if fmt == "coreml":
         assert r.checks["structure"]["max_rank"] <= 5
     return r
@@ -45,13 +50,19 @@ def test_one_model_per_family_coreml(name, res, tmp_path):
         assert fp32_ops == {}, fp32_ops
 
 
+@pytest.mark.parametrize("name, res", _family_representatives())
+def test_one_model_per_family_coreml_fp32_in_the_runner(name, res, tmp_path):
+    _export_and_check(name, res, "coreml", tmp_path, precision="fp32")
+
+
 def _sweep():
     from edgevit_export.registry import list_models
 
-    return [(n, r, f) for n in list_models() for r in (224, 512, 1024) for f in ("onnx", "coreml")]
+    return [(n, r, f, p) for n in list_models() for r in (224, 512, 1024)
+            for f, p in (("onnx", "fp32"), ("coreml", "fp16"), ("coreml", "fp32"))]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, res, fmt", _sweep())
-def test_zoo_sweep(name, res, fmt, tmp_path):
-    _export_and_check(name, res, fmt, tmp_path)
+@pytest.mark.parametrize("name, res, fmt, precision", _sweep())
+def test_zoo_sweep(name, res, fmt, precision, tmp_path):
+    _export_and_check(name, res, fmt, tmp_path, precision)

@@ -5,11 +5,17 @@ onnxruntime profiler aggregation, and reports (tables, JSON, CSV, PNG plots).
     result = run_bench("shvit_s1,litv2_s", "224,512", protocol="iphone12", runs=200)
     for t in result.timings:
         print(t.model, t.res, t.median_ms, t.spread_ms, t.gflops)
+
+Modules: :mod:`.runner` (``run_bench``), :mod:`.plan` (what to time), :mod:`.cache` (the export
+cache), :mod:`.timing` (protocol timing), :mod:`.results`, :mod:`.onnx_facts` (input, MACs,
+manifest of a file), :mod:`.matmul_peak`, :mod:`.profile`, :mod:`.report`, :mod:`.env`.
 """
 
+from .matmul_peak import MatmulPeak, measure_matmul_peak
 from .protocols import PROTOCOLS, Protocol, get_protocol
-from .runner import (BenchResult, Measurement, Timing, measure_matmul_peak, run_bench, time_callable, time_onnx,
-                     time_torch)
+from .results import BenchResult, Timing
+from .runner import run_bench
+from .timing import Measurement, time_callable, time_onnx, time_torch
 
 
 def run_profile(*args, **kwargs):
@@ -20,4 +26,4 @@ def run_profile(*args, **kwargs):
 
 
 __all__ = ["PROTOCOLS", "Protocol", "get_protocol", "BenchResult", "Measurement", "Timing", "run_bench",
-           "run_profile", "time_onnx", "time_torch", "time_callable", "measure_matmul_peak"]
+           "run_profile", "time_onnx", "time_torch", "time_callable", "measure_matmul_peak", "MatmulPeak"]

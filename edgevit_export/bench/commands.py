@@ -8,35 +8,9 @@ from typing import Optional
 
 import typer
 from rich import box
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 from rich.table import Table
 
-
-def _progress_bar(console) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True)
-
-
-class _Bars:
-    """Maps the runner's progress callbacks onto one rich task per model × resolution."""
-
-    def __init__(self, bar: Progress):
-        self.bar = bar
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, ev) -> None:
-        tid = self.tasks.get(ev.item)
-        if tid is None:
-            tid = self.tasks[ev.item] = self.bar.add_task(ev.item, total=None)
-        if ev.phase == "export":
-            self.bar.update(tid, description=f"{ev.item} [dim]exporting: {ev.message}[/]", total=None)
-        elif ev.phase == "load":
-            self.bar.update(tid, description=f"{ev.item} [dim]loading session[/]")
-        else:
-            phase = {"warmup": "warm-up", "time": "timing", "done": "done"}.get(ev.phase, ev.phase)
-            self.bar.update(tid, description=f"{ev.item} [dim]{phase}[/]", total=ev.total or None,
-                            completed=ev.done)
+from ..bars import Bars
 
 
 def _ms(v: float) -> str:
@@ -45,7 +19,7 @@ def _ms(v: float) -> str:
 
 def render_bench(console, result) -> None:
     from .report import fmt_res, headline_label
-    from .runner import SPREAD
+    from .results import SPREAD
 
     p = result.protocol
     stat = headline_label(result)
@@ -201,9 +175,9 @@ def register(app, console, handle_errors) -> None:
         json_p = check_output(json_out, ".json", "--json")
         csv_p = check_output(csv_out, ".csv", "--csv")
         plot_p = check_output(plot, ".png", "--plot")
-        with _progress_bar(console) as bar:
+        with Bars(console, transient=True, eta=True) as bars:
             result = run_bench(models, res, protocol=protocol, runtime=runtime, threads=threads, runs=runs,
-                               passes=passes, cache_dir=cache_dir, max_seconds=max_seconds, progress=_Bars(bar))
+                               passes=passes, cache_dir=cache_dir, max_seconds=max_seconds, progress=bars)
         render_bench(console, result)
         for p, write in ((json_p, write_json), (csv_p, write_csv), (plot_p, write_plot)):
             if p is not None:
@@ -232,9 +206,9 @@ def register(app, console, handle_errors) -> None:
         if top < 1:
             raise EdgeExportError(f"--top must be at least 1, got {top}")
         json_p = check_output(json_out, ".json", "--json")
-        with _progress_bar(console) as bar:
+        with Bars(console, transient=True, eta=True) as bars:
             profiles = run_profile(model, res, passes=passes, compare=compare, threads=threads, runs=runs,
-                                   cache_dir=cache_dir, progress=_Bars(bar))
+                                   cache_dir=cache_dir, progress=bars)
         render_profiles(console, profiles, top)
         if json_p is not None:
             data = {"profiles": [p.as_dict() for p in profiles]}

@@ -14,11 +14,16 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 import numpy as np
 
-from ..errors import EdgeExportError, first_line
-from .runner import (ModelSpec, Progress, ProgressFn, cached_export, default_cache_dir, make_input, onnx_input,
-                     parse_models, plan, _noop)
+from ..errors import EdgeExportError
+from ..ort import user_session
+from ..progress import Callback, emit, prefixed
+from .cache import cached_export, default_cache_dir
+from .onnx_facts import onnx_input
+from .plan import ModelSpec, parse_models, plan
+from .timing import make_input
 
 COMPUTE = "compute-bound"
 MEMORY = "memory-bound"
@@ -121,24 +126,6 @@ class Profile:
         return d
 
 
-def _session(path: Path, threads: int, prefix: str):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.enable_profiling = True
-    so.profile_file_prefix = prefix
-    try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        first = first_line(e)
-        raise EdgeExportError(f"onnxruntime cannot load {path}: {first[:300]}") from None
-
-
 def _depthwise(args: dict) -> bool:
     """A conv whose weight is C×1×k×k with as many output channels as input channels."""
     try:
@@ -203,23 +190,21 @@ def aggregate(events: list[dict], runs: int) -> tuple[list[OpStat], list[NodeSta
 
 
 def profile_onnx(path: Path, *, model: str | None = None, res: tuple[int, int] | None = None, passes: str = "",
-                 threads: int = 2, runs: int = 50, warmup: int = 5, item: str = "",
-                 progress: ProgressFn | None = None) -> Profile:
+                 threads: int = 2, runs: int = 50, warmup: int = 5, progress: Callback | None = None) -> Profile:
     """Profile one ONNX file: ``warmup`` runs, then ``runs`` profiled runs that are aggregated."""
-    report = progress or _noop
     if runs < 1:
         raise EdgeExportError(f"--runs must be at least 1, got {runs}")
     inp = onnx_input(Path(path))
     x = make_input(inp, inp.shape[0] or 1, res)
     with tempfile.TemporaryDirectory(prefix="edgevit-profile-") as tmp:
-        sess = _session(Path(path), threads, os.path.join(tmp, "ort"))
+        sess = user_session(Path(path), threads=threads, profile_prefix=os.path.join(tmp, "ort"))
         total = warmup + runs
         last = 0.0
         for i in range(total):
             sess.run(None, {inp.name: x})
             if time.perf_counter() - last > 0.1 or i + 1 == total:
                 last = time.perf_counter()
-                report(Progress(item, "warmup" if i < warmup else "time", i + 1, total))
+                emit(progress, "profile (warm-up included)", i + 1, total)
         prof = sess.end_profiling()
         with open(prof, encoding="utf-8") as f:
             events = json.load(f)
@@ -257,12 +242,11 @@ def parse_passes_variants(passes: str, compare: bool) -> list[str]:
 
 def run_profile(model: str, res: str | int | None = None, *, passes: str = "default", compare: bool = False,
                 threads: int = 2, runs: int = 50, warmup: int = 5, cache_dir: str | Path | None = None,
-                progress: ProgressFn | None = None) -> list[Profile]:
+                progress: Callback | None = None) -> list[Profile]:
     """Profile a model name (exported through the bench cache, per passes variant) or a file."""
     from ..exporters.artifacts import prepare_out_dir
     from ..passes import resolve_passes
 
-    report = progress or _noop
     if runs < 1:
         raise EdgeExportError(f"--runs must be at least 1, got {runs}")
     if threads < 1:
@@ -280,17 +264,16 @@ def run_profile(model: str, res: str | int | None = None, *, passes: str = "defa
             raise EdgeExportError("--compare / several --passes need a model name, not an .onnx file "
                                   "(the passes are applied at export)")
         return [profile_onnx(spec.path, model=spec.name, res=p.hw, passes="(file)", threads=threads, runs=runs,
-                             warmup=warmup, item=p.item, progress=report)]
+                             warmup=warmup, progress=prefixed(progress, f"{p.item}: "))]
     cdir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     prepare_out_dir(cdir)
     out = []
     for v in variants:
-        item = f"{p.item} passes={v}"
-        report(Progress(item, "export", message="checking the export cache"))
+        step = prefixed(progress, f"{p.item} passes={v}: ")
+        emit(step, "checking the export cache")
         path, _manifest, _cached = cached_export(spec.name, p.hw, batch=1, passes=v, cache_dir=cdir,
-                                                 progress=lambda s, item=item: report(Progress(item, "export",
-                                                                                               message=s)))
+                                                 progress=prefixed(step, "export: "))
         out.append(profile_onnx(path, model=spec.name, res=p.hw, passes=v, threads=threads, runs=runs,
-                                warmup=warmup, item=item, progress=report))
+                                warmup=warmup, progress=step))
     return out
 

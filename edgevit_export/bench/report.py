@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import OutputError
-from .runner import SPREAD, BenchResult, Timing
+from .results import SPREAD, BenchResult, Timing
 
 CSV_FIELDS = ["model", "res", "batch", "runtime", "protocol", "threads", "headline_ms", "median_ms", "mean_ms",
               "p10_ms", "p90_ms", "spread_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "runs", "rounds",

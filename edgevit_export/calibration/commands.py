@@ -10,49 +10,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-
-class _Bars:
-    """progress(task, done, total) → rich progress bars (counted tasks) and a status line
-    (stage messages, total 0)."""
-
-    def __init__(self, console: Console):
-        self.console = console
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False)
-        self.tasks: dict[str, int] = {}
-        self.stage = None
-        self.stage_t = 0.0
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self._end_stage()
-        if exc_type is not None:   # an error: clear the bars, so the error is the one line left
-            self.progress.live.transient = True
-        self.progress.__exit__(exc_type, exc, tb)
-
-    def _end_stage(self):
-        if self.stage is not None:
-            tid = self.tasks.pop("__stage__")
-            took = time.perf_counter() - self.stage_t
-            self.progress.update(tid, description=f"[dim]✓ {self.stage} ({took:.1f}s)[/]", total=1, completed=1)
-            self.stage = None
-
-    def __call__(self, task: str, done: int, total: int) -> None:
-        if total <= 0:
-            self._end_stage()
-            self.stage, self.stage_t = task, time.perf_counter()
-            self.tasks["__stage__"] = self.progress.add_task(f"{task}…", total=None)
-            return
-        self._end_stage()
-        if task not in self.tasks:
-            self.tasks[task] = self.progress.add_task(task, total=total)
-        self.progress.update(self.tasks[task], completed=done, total=total)
+from ..bars import Bars
 
 
 def _pct(v: float | None) -> str:
@@ -199,7 +159,7 @@ def register(app, console, handle_errors) -> None:
             console.print("[bold yellow]--calib synthetic: drawn shapes, a smoke run of the pipeline — not for "
                           "shipping; calibrate on real images from your domain[/]")
         started = time.perf_counter()
-        with _Bars(console) as bars:
+        with Bars(console) as bars:
             r = quantize(model, res=res, weights=str(weights) if weights else None, calib=calib,
                          calib_size=calib_size, method=method, per_channel=per_channel, reduce_range=reduce_range,
                          eval_dir=eval_dir, labels=labels, eval_size=eval_size, max_drop=max_drop,
@@ -232,12 +192,12 @@ def register(app, console, handle_errors) -> None:
         threads: int = typer.Option(2, "--threads", help="CPU threads."),
     ):
         """Top-1/top-5 of a model or an ONNX artifact on a labelled image folder."""
-        from .quantize import evaluate
+        from .evaluation import evaluate
 
         if weights is None and not model.endswith(".onnx"):
             console.print(f"[yellow]no --weights: {model} is randomly initialised (seed 0); its accuracy means "
                           "nothing[/]")
-        with _Bars(console) as bars:
+        with Bars(console) as bars:
             r = evaluate(model, data, res=res, weights=str(weights) if weights else None, labels=labels,
                          limit=limit, threads=threads, progress=bars)
         render_evaluate(console, r)
@@ -256,7 +216,7 @@ def register(app, console, handle_errors) -> None:
 
         if per_class < 1 or size < 16:
             raise EdgeExportError("--per-class must be at least 1 and --size at least 16")
-        with _Bars(console) as bars:
+        with Bars(console) as bars:
             s = write_shapes(out, per_class, size=size, seed=seed, progress=bars)
         console.print(f"[bold green]wrote[/] {s.count} images in {len(s.classes)} classes to {s.root}")
 
@@ -279,7 +239,7 @@ def register(app, console, handle_errors) -> None:
         ckpt = out / f"{model}-shapes-{res}.pth"
         if ckpt.exists() and not force:
             raise OutputError(f"{ckpt} already exists; pass --force to retrain")
-        with _Bars(console) as bars:
+        with Bars(console) as bars:
             r = train_shapes(ckpt, model=model, res=res, per_class=per_class, epochs=epochs, threads=threads,
                              progress=bars)
             write_shapes(out / "calib", 30, size=draw_size(res), seed=TRAIN_SEED, progress=bars)

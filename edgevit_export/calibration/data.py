@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import DataError, first_line
+from ..labels import read_labels
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CROP_PCT = 0.875
@@ -155,24 +156,6 @@ class LabelledSet:
         return counts
 
 
-def read_labels_file(path: str | Path) -> list[str]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        what = "not found" if not p.exists() else "is not a regular file"
-        raise DataError(f"--labels file {what}: {p}; give a text file with one class (folder) name per line")
-    try:
-        names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except (UnicodeDecodeError, OSError) as e:
-        raise DataError(f"cannot read --labels file {p} ({type(e).__name__}); "
-                        "give UTF-8 text, one class name per line") from None
-    if not names:
-        raise DataError(f"--labels file {p} is empty; give one class (folder) name per line")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise DataError(f"--labels file {p} lists {dup[0]!r} more than once; each class once, in the model's order")
-    return names
-
-
 def is_labelled(root: str | Path) -> bool:
     """A labelled folder has class sub-folders holding images and no loose images at its top."""
     root = Path(root).expanduser()
@@ -201,7 +184,7 @@ def scan_labelled(root: str | Path, labels_file: str | Path | None = None, what:
     if not dirs:
         raise DataError(f"{what} folder {root} has no class sub-folders; a labelled folder has one sub-folder "
                         "per class (ImageNet-style)")
-    classes = read_labels_file(labels_file) if labels_file is not None else dirs
+    classes = read_labels(labels_file) if labels_file is not None else dirs
     index = {c: i for i, c in enumerate(classes)}
     unknown = [d for d in dirs if d not in index]
     if unknown:

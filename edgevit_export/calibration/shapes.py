@@ -16,10 +16,11 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from ..progress import Callback, emit
 
 CLASSES: tuple[str, ...] = tuple(sorted((
     "circle", "square", "triangle", "star", "cross", "ring", "hstripes", "vstripes", "checker", "dots")))
@@ -170,7 +171,7 @@ def draw(cls: str, size: int = 72, seed: int = 0, index: int = 0) -> Image.Image
 
 def write_shapes(out: str | Path, per_class: int, *, size: int = 72, seed: int = 0, fmt: str = "png",
                  classes: tuple[str, ...] = CLASSES,
-                 progress: Callable[[str, int, int], None] | None = None) -> ShapesSet:
+                 progress: Callback | None = None) -> ShapesSet:
     """Write ``per_class`` images of each class to ``out/<class>/<class>_NNNNN.<fmt>``.
 
     Different seeds give disjoint draws (use one seed for train, another for a held-out test set).
@@ -184,8 +185,8 @@ def write_shapes(out: str | Path, per_class: int, *, size: int = 72, seed: int =
         for i in range(per_class):
             draw(cls, size, seed, i).save(d / f"{cls}_{i:05d}.{fmt}")
             done += 1
-            if progress and (done % 50 == 0 or done == total):
-                progress("draw shapes", done, total)
+            if done % 50 == 0 or done == total:
+                emit(progress, "draw shapes", done, total)
     return ShapesSet(root, tuple(classes), per_class, size, seed)
 
 

@@ -13,13 +13,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import EdgeExportError
+from ..progress import Callback, emit
 from ..registry import create_model, get_model_info, parse_resolution
 from .data import Preprocess
 from .shapes import CLASSES, draw
@@ -86,12 +86,11 @@ def _accuracy(model, x, y, batch: int = 256) -> float:
 def train_shapes(checkpoint: str | Path, *, model: str = "shvit_s1", res: int = 64, per_class: int = 200,
                  val_per_class: int = 40, epochs: int = 10, batch: int = 128, lr: float = 8e-3,
                  weight_decay: float = 0.05, seed: int = 0, threads: int | None = None,
-                 progress: Callable[[str, int, int], None] | None = None) -> TrainResult:
+                 progress: Callback | None = None) -> TrainResult:
     """Train ``model`` with a 10-class head on drawn shapes; save ``{'model': state_dict}``.
 
-    ``progress(task, done, total)`` is called while drawing data and once per training step.
+    ``progress`` hears of the data drawing and of every training step.
     """
-    step_cb = progress or (lambda *_: None)
     info = get_model_info(model)
     hw = parse_resolution(res, info)
     if hw[0] != hw[1]:
@@ -106,10 +105,10 @@ def train_shapes(checkpoint: str | Path, *, model: str = "shvit_s1", res: int = 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
-        step_cb("draw training shapes", 0, 1)
+        emit(progress, "draw training shapes", 0, 1)
         x, y = shapes_tensor(per_class, res, TRAIN_SEED + 10 * seed, info.mean, info.std)
         xv, yv = shapes_tensor(val_per_class, res, VAL_SEED + 10 * seed, info.mean, info.std)
-        step_cb("draw training shapes", 1, 1)
+        emit(progress, "draw training shapes", 1, 1)
 
         net = create_model(model, num_classes=len(CLASSES), seed=seed).train()
         decay = [p for n, p in net.named_parameters() if p.ndim > 1]
@@ -153,7 +152,7 @@ def train_shapes(checkpoint: str | Path, *, model: str = "shvit_s1", res: int = 
                 correct += int((out.argmax(1) == yb).sum())
                 seen += len(idx)
                 step += 1
-                step_cb("train", step, total)
+                emit(progress, "train", step, total)
             train_top1 = 100.0 * correct / max(1, seen)
             history.append({"epoch": epoch + 1, "train_top1": round(train_top1, 2),
                             "loss": round(float(loss.detach()), 4)})

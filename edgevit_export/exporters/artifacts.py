@@ -91,3 +91,9 @@ def sha256(path: Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def size_bytes(path: Path) -> int:
+    """Size of a file, or the total size of a directory's files (an .mlpackage)."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -1,11 +1,35 @@
-"""Checks that run after a backend: numeric parity against PyTorch."""
+"""The generic check: an artifact's Runner against PyTorch on seeded inputs, and the golden file.
+
+Nothing here knows a format: a Runner takes and returns numpy dicts, describes its inputs (an
+``image`` input takes raw pixels, a ``tensor`` input normalised floats), and ``runner.numeric``
+gives the outputs PyTorch's model computes too. The format says what parity is held to (a
+:class:`Gate`). The golden file (``MODEL-RES.golden.npz``) keeps the seeded inputs exactly as the
+artifact takes them and PyTorch's outputs for them, so ``check`` works later without the
+checkpoint and an app developer can compare on the device.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from .. import metrics
+
+GOLDEN_MAX_BYTES = 16_000_000   # inputs kept in the golden file: 3 samples, fewer for large inputs
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What parity is held to: max error relative to the output's scale, and (optionally) a lowest
+    cosine. ``gated`` false: measured and recorded, but not enforced (``note`` says why)."""
+
+    tolerance: float
+    min_cosine: float | None = None
+    gated: bool = True
+    note: str = ""
 
 
 @dataclass
@@ -32,19 +56,97 @@ class Parity:
 
 def compare(outputs: list[np.ndarray], references: list[np.ndarray], tolerance: float,
             reference: str = "pytorch fp32") -> Parity:
-    a = np.concatenate([o.reshape(o.shape[0], -1) for o in outputs]).astype(np.float64)
-    b = np.concatenate([r.reshape(r.shape[0], -1) for r in references]).astype(np.float64)
+    a = np.concatenate([metrics.rows(o) for o in outputs])
+    b = np.concatenate([metrics.rows(r) for r in references])
     diff = np.abs(a - b)
     scale = float(np.abs(b).max()) or 1.0
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
-    return Parity(max_abs=float(diff.max()), max_rel=float(diff.max() / scale), cosine=float(cos.min()),
-                  top1_agree=float((a.argmax(1) == b.argmax(1)).mean()), samples=int(a.shape[0]),
-                  tolerance=tolerance, reference=reference)
+    return Parity(max_abs=float(diff.max()), max_rel=float(diff.max() / scale),
+                  cosine=float(metrics.cosine(a, b).min()), top1_agree=metrics.top1_agreement(a, b),
+                  samples=int(a.shape[0]), tolerance=tolerance, reference=reference)
+
+
+def judge(outputs: list[np.ndarray], references: list[np.ndarray], gate: Gate, reference: str) -> dict:
+    """``compare`` held to a gate: the manifest's record of one parity check."""
+    p = compare(outputs, references, gate.tolerance, reference)
+    d = p.as_dict()
+    within = p.passed and (gate.min_cosine is None or p.cosine >= gate.min_cosine)
+    if gate.min_cosine is not None:
+        d["min_cosine"] = gate.min_cosine
+    d["within_gate"] = within
+    d["gated"] = gate.gated
+    d["passed"] = within or not gate.gated
+    if gate.note:
+        d["note"] = gate.note
+    return d
 
 
 def seeded_inputs(shape: tuple[int, ...], count: int, raw_scale: float | None, seed: int = 1234) -> list[torch.Tensor]:
-    """``count`` seeded inputs: normalised-looking N(0, 1) tensors, or raw pixels in [0, raw_scale]."""
+    """``count`` seeded inputs: normalised-looking N(0, 1) tensors, or whole-number raw pixels in
+    [0, raw_scale] (what a camera buffer holds)."""
     g = torch.Generator().manual_seed(seed)
     if raw_scale is None:
         return [torch.randn(shape, generator=g) for _ in range(count)]
-    return [torch.rand(shape, generator=g) * raw_scale for _ in range(count)]
+    return [torch.randint(0, 256, shape, generator=g).float() * (raw_scale / 255.0) for _ in range(count)]
+
+
+def seeded_feeds(inputs: list[dict], count: int = 3, raw_scale: float | None = None,
+                 seed: int = 1234) -> list[dict[str, np.ndarray]]:
+    """Seeded feeds for a Runner's inputs: raw pixels in [0, raw_scale] for a program that takes
+    raw pixels, N(0, 1) otherwise."""
+    per_input = {d["name"]: seeded_inputs(tuple(d["shape"]), count, raw_scale, seed + i)
+                 for i, d in enumerate(inputs)}
+    return [{name: xs[k].numpy() for name, xs in per_input.items()} for k in range(count)]
+
+
+def raw_scale(normalization: dict) -> float | None:
+    """The pixel range an artifact takes (255 for 0–255) where it normalises inside, else None."""
+    if not normalization.get("in_graph"):
+        return None
+    return float(str(normalization.get("input_range", "0-255")).split("-")[-1])
+
+
+def reference_input(x: np.ndarray, normalization: dict) -> torch.Tensor:
+    """What the PyTorch model must be fed to match an artifact fed ``x``: the artifact's own input
+    where it takes normalised tensors, else ``(x / scale − mean) / std`` in float64 as the
+    ``normalize_input`` pass proves it."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    scale = raw_scale(normalization)
+    if scale is None:
+        return t
+    mean = torch.tensor(normalization["mean"], dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.tensor(normalization["std"], dtype=torch.float64).view(1, -1, 1, 1)
+    return (t.double() / (scale * std) - mean / std).to(t.dtype)
+
+
+def torch_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model(x)
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [o.numpy() for o in outs]
+
+
+# --- the golden file -----------------------------------------------------------------------------
+
+def write_golden(path: Path, feeds: list[dict[str, np.ndarray]], references: list[list[np.ndarray]],
+                 output_names: list[str]) -> int:
+    """Keep the seeded feeds and PyTorch's outputs (as many samples as fit GOLDEN_MAX_BYTES, at
+    least one); returns how many were kept."""
+    per_sample = sum(a.nbytes for a in feeds[0].values())
+    keep = max(1, min(len(feeds), GOLDEN_MAX_BYTES // max(per_sample, 1)))
+    arrays = {f"input:{name}": np.stack([f[name] for f in feeds[:keep]]) for name in feeds[0]}
+    for i, name in enumerate(output_names):
+        arrays[f"output:{name}"] = np.stack([r[i] for r in references[:keep]])
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    return keep
+
+
+def read_golden(path: Path) -> tuple[list[dict[str, np.ndarray]], list[list[np.ndarray]], list[str]]:
+    """(feeds, references, output names) as written by :func:`write_golden`."""
+    with np.load(path, allow_pickle=False) as z:
+        ins = {k.split(":", 1)[1]: z[k] for k in z.files if k.startswith("input:")}
+        out_names = [k.split(":", 1)[1] for k in z.files if k.startswith("output:")]
+        outs = [z[f"output:{n}"] for n in out_names]
+    count = len(next(iter(ins.values())))
+    feeds = [{n: a[k] for n, a in ins.items()} for k in range(count)]
+    return feeds, [[o[k] for o in outs] for k in range(count)], out_names

@@ -1,22 +1,26 @@
-"""Core ML backend: the rewritten ExportedProgram → an ML Program ``.mlpackage`` for Xcode.
+"""Core ML: the rewritten ExportedProgram → an ML Program ``.mlpackage`` for Xcode, run here by
+the reference runner (``coreml_runner.py``: the saved program, op by op, with torch kernels).
 
 Input: by default an RGB image (0–255, what a CVPixelBuffer holds) with ImageNet normalisation
 done exactly inside the graph by the ``normalize_input`` pass (Core ML's ImageType has a single
 scale, so per-channel std cannot live there); ``--tensor-input`` gives a float tensor ``images``.
 Output: a classifier (class label + probabilities) for 1000-class models with the ImageNet-1k
-names, ``--labels`` for other heads, or raw ``logits``.
+names, ``--labels`` for other heads, or raw ``logits``. The program is captured with logits; the
+classifier's softmax is appended at conversion.
 
-Checks (Core ML cannot run on Linux): structural — every tensor in the saved program has rank
-≤ 5 and a static shape, inputs/outputs are what the flags asked for; numeric — the exact torch
-program handed to coremltools against the original model in fp32 and with fp16 emulated (the
-program run in half precision), since mlprogram computes in fp16 by default. Classifiers are
-compared on their logits (probabilities saturate). The fp16 comparison gates the export only when
-real weights were given: on a random network it is measured and recorded, not enforced.
+Checks: structural — every tensor in the saved program has rank ≤ 5 and a static shape, inputs
+and outputs are what the flags asked for; numeric — the saved package through the reference runner
+against PyTorch (classifiers on the logits that feed the softmax: probabilities saturate). An fp32
+program is held to 1e-4 of the output's scale; an fp16 program to 2e-2 and cosine 0.999, gated only
+when real weights were given (on a random network it is measured and recorded, not enforced).
 
 Sampling coordinates stay fp32 in an fp16 program: a ``resample`` (``grid_sample``) and every op
 whose results only feed its coordinates (LITv2's deformable sampling grid) compute in fp32, because
 fp16 cannot place a sample to sub-pixel precision on large maps (its spacing is 0.25 px between 256
-and 512). The fp16 emulation applies the same rule, so the check measures the program we ship.
+and 512). The runner executes the dtypes the program declares, so the check measures that too.
+
+The format contract (see ``exporters/__init__.py``): ``validate_options``, ``convert``, ``load``,
+``describe``, ``structure``, ``gate``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import torch
 
 from .. import __version__
 from ..errors import EdgeExportError
+from ..labels import read_labels
+from .check import Gate
 
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PRECISIONS = ("fp16", "fp32")
@@ -57,7 +63,8 @@ def imagenet_labels() -> list[str]:
     return text.splitlines()
 
 
-def validate_options(*, target: str, precision: str, labels, output) -> dict:
+def validate_options(*, target: str = "iOS16", precision: str = "fp16", labels=None, output=None,
+                     tensor_input: bool = False, logits: bool = False, **_ignored) -> dict:
     """Check Core ML flags before any work is done (bad input → EdgeExportError)."""
     if target not in TARGETS:
         raise EdgeExportError(f"unknown --target '{target}'; use one of: {', '.join(TARGETS)}")
@@ -65,18 +72,9 @@ def validate_options(*, target: str, precision: str, labels, output) -> dict:
         raise EdgeExportError(f"unknown --precision '{precision}'; use fp16 or fp32")
     if output is not None and Path(output).suffix != ".mlpackage":
         raise EdgeExportError(f"Core ML output path must end in .mlpackage, got '{output}'")
-    names = None
-    if labels is not None:
-        p = Path(labels)
-        if not p.is_file():
-            raise EdgeExportError(f"--labels file not found: {p}")
-        try:
-            names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except UnicodeDecodeError:
-            raise EdgeExportError(f"--labels file {p} is not UTF-8 text; give one class name per line") from None
-        if not names:
-            raise EdgeExportError(f"--labels file {p} is empty; give one class name per line")
-    return {"target": target, "precision": precision, "labels": names}
+    names = read_labels(labels) if labels is not None else None
+    return {"target": target, "precision": precision, "labels": names, "tensor_input": tensor_input,
+            "logits": logits}
 
 
 def class_labels(num_classes: int, given: list[str] | None, source: str = "--labels") -> list[str]:
@@ -90,11 +88,12 @@ def class_labels(num_classes: int, given: list[str] | None, source: str = "--lab
     return [str(i) for i in range(num_classes)]
 
 
-def to_coreml(pipe, path: Path, *, info, model_name: str, res, tensor_input: bool, logits: bool, params: int,
-              target: str, precision: str, labels: list[str] | None, num_classes: int) -> tuple[dict, dict]:
-    """Convert and save; returns (backend facts, io description) for the manifest."""
+def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: Path, options: dict,
+            meta) -> dict:
+    """Convert and save; returns the backend facts (with ``io``) for the manifest."""
     ct = _ct()
-    example = pipe.example_input
+    tensor_input, logits, precision, target = (options["tensor_input"], options["logits"], options["precision"],
+                                               options["target"])
     shape = tuple(example.shape)
     if tensor_input:
         inputs = [ct.TensorType(name=TENSOR_INPUT, shape=shape, dtype=np.float32)]
@@ -103,12 +102,13 @@ def to_coreml(pipe, path: Path, *, info, model_name: str, res, tensor_input: boo
                                bias=[0.0, 0.0, 0.0])]
     kwargs = {}
     names = None
+    program = program.run_decompositions({})
     if not logits:
-        names = class_labels(num_classes, labels)
+        names = class_labels(meta.num_classes, options["labels"])
         kwargs["classifier_config"] = ct.ClassifierConfig(names)
+        _append_softmax(program)
     else:
         kwargs["outputs"] = [ct.TensorType(name="logits")]
-    program = pipe.program.run_decompositions({})
     fp32_ops: dict[int, set[int]] = {}
 
     def fp16_selector(op) -> bool:
@@ -127,25 +127,25 @@ def to_coreml(pipe, path: Path, *, info, model_name: str, res, tensor_input: boo
         ml = ct.convert(program, inputs=inputs, convert_to="mlprogram",
                         minimum_deployment_target=getattr(ct.target, target),
                         compute_precision=compute, **kwargs)
-    h, w = res
-    norm = (f"RGB 0–255; ImageNet mean {tuple(info.mean)} / std {tuple(info.std)} applied inside the model"
-            if not tensor_input else f"float N×3×{h}×{w}, already normalised with mean {tuple(info.mean)} "
-                                     f"/ std {tuple(info.std)}")
-    ml.short_description = (f"{model_name} — {info.paper}; image classification at {h}×{w}; "
+    h, w = meta.res
+    norm = (f"RGB 0–255; ImageNet mean {tuple(meta.mean)} / std {tuple(meta.std)} applied inside the model"
+            if not tensor_input else f"float N×3×{h}×{w}, already normalised with mean {tuple(meta.mean)} "
+                                     f"/ std {tuple(meta.std)}")
+    ml.short_description = (f"{meta.model} — {meta.paper}; image classification at {h}×{w}; "
                             f"exported by edgevit-export {__version__}")
-    ml.author = f"edgevit-export {__version__} (model: {info.paper})"
+    ml.author = f"edgevit-export {__version__} (model: {meta.paper})"
     ml.license = "See the license of the weights you exported; edgevit-export code: MIT"
     ml.version = __version__
-    meta = ml.user_defined_metadata
-    meta.update({"model": model_name, "family": info.family, "resolution": f"{h}x{w}", "params": str(params),
-                 "normalization": norm, "precision": precision, "target": target,
-                 "passes": ",".join(p.name for p in pipe.passes), "edgevit_export.version": __version__})
+    ml.user_defined_metadata.update({
+        "model": meta.model, "family": meta.family, "resolution": f"{h}x{w}", "params": str(meta.params),
+        "normalization": norm, "precision": precision, "target": target, "passes": ",".join(meta.passes),
+        "edgevit_export.version": __version__})
     in_name = TENSOR_INPUT if tensor_input else IMAGE_INPUT
     ml.input_description[in_name] = norm
     spec = ml.get_spec()
     out_names = [o.name for o in spec.description.output]
     if logits:
-        ml.output_description["logits"] = f"raw logits, {num_classes} classes (apply softmax for probabilities)"
+        ml.output_description["logits"] = f"raw logits, {meta.num_classes} classes (apply softmax for probabilities)"
     else:
         ml.output_description[spec.description.predictedFeatureName] = "most likely class"
         ml.output_description[spec.description.predictedProbabilitiesName] = "probability per class (softmax)"
@@ -153,10 +153,71 @@ def to_coreml(pipe, path: Path, *, info, model_name: str, res, tensor_input: boo
     io_desc = {"inputs": [{"name": in_name, "kind": "tensor" if tensor_input else "image", "shape": list(shape),
                            "description": norm}],
                "outputs": [{"name": n} for n in out_names],
-               "classifier": not logits, "num_classes": num_classes}
+               "classifier": not logits, "num_classes": meta.num_classes}
     return {"target": target, "precision": precision, "coremltools": ct.__version__,
-            "labels": "given" if labels else ("imagenet-1k" if names and num_classes == 1000 else
-                                              ("indices" if names else None))}, io_desc
+            "labels": "given" if options["labels"] else ("imagenet-1k" if names and meta.num_classes == 1000 else
+                                                         ("indices" if names else None)),
+            "io": io_desc}
+
+
+def _append_softmax(program: torch.export.ExportedProgram) -> None:
+    """Logits → probabilities over the last axis, appended to the program's graph: a classifier
+    reports probabilities, and the checks read the logits before this op."""
+    g = program.graph_module.graph
+    out = next(n for n in g.nodes if n.op == "output")
+    (last,) = out.args[0]
+    with g.inserting_before(out):
+        sm = g.call_function(torch.ops.aten._softmax.default, (last, -1, False))
+    sm.meta["val"] = torch.softmax(last.meta["val"], -1)
+    out.args = ((sm,),)
+    program.graph_signature.output_specs[0].arg.name = sm.name
+    program.graph_module.recompile()
+
+
+def load(path: Path):
+    """The reference runner (Linux and macOS alike: one executor, so figures agree everywhere)."""
+    from .coreml_runner import CoreMLRunner
+
+    return CoreMLRunner(path)
+
+
+def describe(path: Path) -> dict:
+    return inspect_program(path)
+
+
+def structure(facts: dict, options: dict) -> dict:
+    """The saved program has rank ≤ 5, static shapes, and the input/output kinds the flags asked for."""
+    problems = []
+    if facts["high_rank"]:
+        problems.append(f"{len(facts['high_rank'])} tensors of rank > 5 (first: {facts['high_rank'][0]})")
+    if facts["dynamic"]:
+        problems.append(f"{len(facts['dynamic'])} tensors with dynamic shape (first: {facts['dynamic'][0]})")
+    want_in = "multiArrayType" if options["tensor_input"] else "imageType"
+    if facts["inputs"][0][1] != want_in:
+        problems.append(f"input is {facts['inputs'][0][1]}, expected {want_in}")
+    if facts["classifier"] == options["logits"]:
+        problems.append("classifier output missing" if not options["logits"] else "expected raw logits, got a classifier")
+    mixed = ""
+    fp16 = options["precision"] == "fp16"
+    if fp16 and facts["fp32_ops"]:
+        n32 = sum(facts["fp32_ops"].values())
+        mixed = f", {n32} ops kept fp32 (sampling coordinates: {facts['fp32_ops'].get('resample', 0)} resample)"
+    return {"passed": not problems, "max_rank": facts["max_rank"], "ops": facts["ops"],
+            "fp32_ops": facts["fp32_ops"] if fp16 else None, "inputs": facts["inputs"], "outputs": facts["outputs"],
+            "summary": "; ".join(problems) if problems else
+            f"{sum(facts['ops'].values())} ops, max rank {facts['max_rank']}, all shapes static, "
+            f"input {facts['inputs'][0][1]}, {'classifier' if facts['classifier'] else 'logits'} output" + mixed}
+
+
+RANDOM_WEIGHTS_FP16 = ("not gated: random weights — how far fp16 rounding moves a randomly initialised network "
+                       "says little about how far it moves your trained one; export with --weights for a gated "
+                       "fp16 check")
+
+
+def gate(options: dict, trained: bool) -> Gate:
+    if options["precision"] == "fp32":
+        return Gate(FP32_TOLERANCE)
+    return Gate(FP16_TOLERANCE, FP16_MIN_COSINE, gated=trained, note="" if trained else RANDOM_WEIGHTS_FP16)
 
 
 def inspect_program(path: Path) -> dict:
@@ -216,108 +277,3 @@ def coordinate_ops(ops: list, *, is_sampler, coordinate_input, consumers, is_out
     return [op for op in ops if id(op) in keep]
 
 
-def _fx_coordinate_nodes(gm: torch.fx.GraphModule) -> set[str]:
-    nodes = list(gm.graph.nodes)
-    keep = coordinate_ops(
-        nodes, is_sampler=lambda n: n.op == "call_function" and "grid_sampler" in str(n.target),
-        coordinate_input=lambda n: n.args[1],
-        consumers=lambda n: [(u, n) for u in n.users],
-        is_output=lambda n: any(u.op == "output" for u in n.users))
-    return {n.name for n in keep}
-
-
-class _Fp16Emulator(torch.fx.Interpreter):
-    """Runs a graph in fp32 kernels but rounds every weight and every intermediate tensor to
-    fp16, as an fp16 ML Program stores them (fast on CPUs that lack fp16 kernels). Sampling
-    coordinates and the samplers' arithmetic stay fp32, as :func:`to_coreml` converts them; a
-    sampler's result is rounded, as the program casts it back to fp16."""
-
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.fp32 = _fx_coordinate_nodes(gm)
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        keep32 = n.name in self.fp32 and "grid_sampler" not in str(n.target)
-        if isinstance(out, torch.Tensor) and out.is_floating_point() and not keep32:
-            return out.half().float()
-        return out
-
-
-@torch.no_grad()
-def run_fp16_emulated(gm: torch.fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
-    return _Fp16Emulator(gm).run(x.half().float())
-
-
-RANDOM_WEIGHTS_FP16 = ("not gated: random weights — how far fp16 rounding moves a randomly initialised network "
-                       "says little about how far it moves your trained one; export with --weights for a gated "
-                       "fp16 check")
-
-
-def _without_final_softmax(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The program's logits: probabilities saturate (a confident classifier's are 0 and 1 in any
-    precision), so parity is judged on what feeds the classifier's softmax."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    flat = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
-    last = flat[0]
-    if len(flat) != 1 or last.op != "call_function" or "softmax" not in str(last.target):
-        raise RuntimeError(f"classifier program does not end in softmax (ends in {last.target})")
-    out.args = ((last.args[0],),) if isinstance(out.args[0], (tuple, list)) else (last.args[0],)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
-
-
-def check(path: Path, model: torch.nn.Module, pipe, *, precision: str, tensor_input: bool, logits: bool,
-          gate_fp16: bool = True) -> dict:
-    """Structure + fp32 parity (always gated) + fp16-emulated parity (gated with real weights only).
-    ``model`` is the original network (logits); for a classifier the program's softmax is left out
-    of the numeric comparison."""
-    from .check import compare, seeded_inputs
-
-    checks = {}
-    s = inspect_program(path)
-    problems = []
-    if s["high_rank"]:
-        problems.append(f"{len(s['high_rank'])} tensors of rank > 5 (first: {s['high_rank'][0]})")
-    if s["dynamic"]:
-        problems.append(f"{len(s['dynamic'])} tensors with dynamic shape (first: {s['dynamic'][0]})")
-    want_in = ("multiArrayType" if tensor_input else "imageType")
-    if s["inputs"][0][1] != want_in:
-        problems.append(f"input is {s['inputs'][0][1]}, expected {want_in}")
-    if s["classifier"] == logits:
-        problems.append("classifier output missing" if not logits else "expected raw logits, got a classifier")
-    mixed = ""
-    if precision == "fp16" and s["fp32_ops"]:
-        n32 = sum(s["fp32_ops"].values())
-        mixed = f", {n32} ops kept fp32 (sampling coordinates: {s['fp32_ops'].get('resample', 0)} resample)"
-    checks["structure"] = {"passed": not problems, "max_rank": s["max_rank"], "ops": s["ops"],
-                           "fp32_ops": s["fp32_ops"] if precision == "fp16" else None,
-                           "inputs": s["inputs"], "outputs": s["outputs"],
-                           "summary": "; ".join(problems) if problems else
-                           f"{sum(s['ops'].values())} ops, max rank {s['max_rank']}, all shapes static, "
-                           f"input {s['inputs'][0][1]}, {'classifier' if s['classifier'] else 'logits'} output"
-                           + mixed}
-    gm = pipe.program.module() if logits else _without_final_softmax(pipe.program.module())
-    xs = seeded_inputs(tuple(pipe.example_input.shape), 3, pipe.input_scale if pipe.raw_input else None)
-    refs, outs32, outs16 = [], [], []
-    with torch.no_grad():
-        for x in xs:
-            refs.append(model(pipe.reference_input(x)).numpy())
-            outs32.append(gm(x).numpy())
-        for x in xs:
-            outs16.append(run_fp16_emulated(gm, x).numpy())
-    what = "" if logits else ", logits before the classifier's softmax"
-    checks["parity"] = compare(outs32, refs, FP32_TOLERANCE, reference="pytorch fp32 (torch program handed to "
-                                                                       f"coremltools, fp32{what})").as_dict()
-    if precision == "fp16":
-        p16 = compare(outs16, refs, FP16_TOLERANCE, reference=f"pytorch fp32 (same program, fp16 emulated{what})")
-        d = p16.as_dict()
-        d["min_cosine"] = FP16_MIN_COSINE
-        d["within_gate"] = p16.passed and p16.cosine >= FP16_MIN_COSINE
-        d["gated"] = gate_fp16
-        d["passed"] = d["within_gate"] or not gate_fp16
-        if not gate_fp16:
-            d["note"] = RANDOM_WEIGHTS_FP16
-        checks["parity_fp16"] = d
-    return checks

@@ -1,4 +1,8 @@
-"""ONNX backend: the rewritten ExportedProgram → a static-shape ONNX model, simplified."""
+"""ONNX: the rewritten ExportedProgram → a static-shape ONNX model, simplified; run by onnxruntime.
+
+The format contract (see ``exporters/__init__.py``): ``validate_options``, ``convert``, ``load``,
+``describe``, ``structure``, ``gate``.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,33 @@ import io
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
 from ..errors import EdgeExportError
+from ..ort import user_session
+from .check import Gate
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+TOLERANCE = 1e-4
+_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
+           onnx.TensorProto.INT32: "int32", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT8: "int8"}
 
 
-def to_onnx(program: torch.export.ExportedProgram, example: torch.Tensor, path: Path, *,
-            opset: int = 18, simplify: bool = True) -> dict:
-    """Write ``program`` as ONNX to ``path``; returns facts for the manifest."""
+def validate_options(*, output=None, opset: int = 18, **_ignored) -> dict:
     if opset < 17:
         raise EdgeExportError(f"--opset {opset} is too old; use 17 or newer (default 18)")
+    if output is not None and Path(output).suffix != ".onnx":
+        raise EdgeExportError(f"ONNX output path must end in .onnx, got '{output}'")
+    return {"opset": opset, "tensor_input": True}
+
+
+def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: Path, options: dict,
+            meta=None, *, simplify: bool = True) -> dict:
+    """Write ``program`` as ONNX to ``path``; returns facts for the manifest."""
+    opset = options.get("opset", 18)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()):
         onnx_program = torch.onnx.export(
@@ -43,7 +60,7 @@ def to_onnx(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return {"opset": opset, "simplified": simplified, "note": note, "nodes": len(model.graph.node),
-            "ops": _op_counts(model)}
+            "ops": _op_counts(model), "io": _io(model)}
 
 
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -53,15 +70,81 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def ort_session(path_or_bytes, threads: int = 2, optimize: bool = True):
-    import onnxruntime as ort
+def _value_info(v) -> dict:
+    t = v.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    return {"name": v.name, "shape": dims, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "kind": "tensor"}
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.log_severity_level = 3
-    src = str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
-    return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+
+def _io(model: onnx.ModelProto) -> dict:
+    inits = {i.name for i in model.graph.initializer}
+    return {"inputs": [_value_info(v) for v in model.graph.input if v.name not in inits],
+            "outputs": [_value_info(v) for v in model.graph.output]}
+
+
+class OnnxRunner:
+    """An ONNX file in onnxruntime (CPU, ``threads`` intra-op threads, all graph optimisations)."""
+
+    def __init__(self, path: Path, threads: int = 2):
+        self.session = user_session(Path(path), threads=threads)
+        self.path = Path(path)
+        self.inputs = [{"name": i.name, "shape": list(i.shape), "dtype": _ort_dtype(i.type), "kind": "tensor"}
+                       for i in self.session.get_inputs()]
+        self.outputs = [{"name": o.name, "shape": list(o.shape), "dtype": _ort_dtype(o.type)}
+                        for o in self.session.get_outputs()]
+        self.classifier = False
+        self.labels = None
+        self.runtime = f"onnxruntime {_ort_version()} CPU, {threads} threads"
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o["name"] for o in self.outputs]
+        feeds = {d["name"]: np.ascontiguousarray(inputs[d["name"]], dtype=np.float32) for d in self.inputs}
+        return dict(zip(names, self.session.run(names, feeds)))
+
+    numeric = __call__   # every output of our ONNX files is a number PyTorch computes too
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _ort_dtype(t: str) -> str:
+    return {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+            "tensor(uint8)": "uint8", "tensor(int8)": "int8"}.get(t, t)
+
+
+def load(path: Path, threads: int = 2) -> OnnxRunner:
+    return OnnxRunner(path, threads)
+
+
+def describe(path: Path) -> dict:
+    """Op counts, the largest tensor rank and whether every shape is static (after shape inference)."""
+    model = onnx.load(str(path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    ranks, dynamic = [], []
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        t = v.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        ranks.append(len(t.shape.dim))
+        if any(not d.HasField("dim_value") for d in t.shape.dim):
+            dynamic.append(v.name)
+    dtypes = sorted({_DTYPES.get(i.data_type, str(i.data_type)) for i in g.initializer})
+    return {"ops": _op_counts(model), "nodes": len(model.graph.node), "max_rank": max(ranks, default=0),
+            "dynamic": dynamic, "weight_dtypes": dtypes, **_io(model)}
+
+
+def structure(facts: dict, options: dict) -> dict:
+    problems = []
+    if facts["dynamic"]:
+        problems.append(f"{len(facts['dynamic'])} tensors with dynamic shape (first: {facts['dynamic'][0]})")
+    summary = "; ".join(problems) or (f"{facts['nodes']} nodes, max rank {facts['max_rank']}, all shapes static, "
+                                      f"weights {'/'.join(facts['weight_dtypes']) or 'none'}")
+    return {"passed": not problems, "max_rank": facts["max_rank"], "summary": summary}
+
+
+def gate(options: dict, trained: bool) -> Gate:
+    return Gate(TOLERANCE)

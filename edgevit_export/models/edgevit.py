@@ -33,15 +33,17 @@ sub-sampler gives ceil(h/r) rows while the code reshapes to int(h/r) and the tra
 back (h//r)·r ≠ h. Sizes 32k+1 … 32k+3 would run, but only because the stride-4 patch embedding
 silently drops the last 1–3 pixel rows/columns, so they are refused too.
 
-Figures at 224² (params counted, MACs from :func:`edgevit_export.measure.count_macs`) vs the
-paper's table (4.1 / 6.7 / 13.1 M params; 0.6 / 1.1 / 1.9 GFLOPs, i.e. GMACs, one decimal):
-XXS 4.07 M / 551 MMACs, XS 6.77 M / 1128 MMACs, S 13.11 M / 1911 MMACs. Params of XXS and S agree
-within 1%; XS is 1.05% above its printed 6.7M (6.77 truncated, not rounded; its ``params_note``).
-MACs round to the paper's one-decimal figures; the XXS gap (551 vs "600", −8%) is that rounding
-(0.551 → 0.6). The official ``check_model.py`` counts with fvcore, which also charges 5 per
-LayerNorm element and 2 per eval-BatchNorm element (+6 / +9 / +12 MMACs here: 557 / 1136 / 1923),
-still 0.6 / 1.1 / 1.9 rounded; ``count_macs`` counts only convolutions (transposed ones as
-fvcore does: input positions × kernel size × channels), linear layers and the attention matmuls.
+Params and MACs are measured, never typed in here: ``edgevit-export list`` / ``info`` count the
+params and take MACs from :func:`edgevit_export.measure.count_macs`, beside the paper's table
+(``paper_params_m`` / ``paper_macs_m``; the paper's GFLOPs are GMACs printed with one decimal).
+``tests/test_edgevit.py`` checks how they relate: params of XXS and S agree with the paper within
+1%; XS lies just over 1% above its printed 6.7M because the paper truncates that count instead of
+rounding it (its ``params_note``). Measured MACs round to the paper's one-decimal figures, so
+XXS's "0.6 G" stands for a count well below 600 M. The official ``check_model.py`` counts with
+fvcore, which also charges 5 per LayerNorm element and 2 per eval-BatchNorm element (a few MMACs
+more, still the same one-decimal figures); ``count_macs`` counts only convolutions (transposed
+ones as fvcore does: input positions × kernel size × channels), linear layers and the attention
+matmuls.
 """
 
 from __future__ import annotations
@@ -248,6 +250,7 @@ class EdgeViT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image → the stage-4 map after the final BatchNorm, (B, C, H/32, W/32)."""
         x = self.pos_drop(self.patch_embed1(x))
         for i, blocks in enumerate((self.blocks1, self.blocks2, self.blocks3, self.blocks4)):
             if i:
@@ -256,8 +259,12 @@ class EdgeViT(nn.Module):
                 x = blk(x)
         return self.norm(x)
 
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Map → logits: global average pool, Linear."""
+        return self.head(x.flatten(2).mean(-1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x).flatten(2).mean(-1))
+        return self.forward_head(self.forward_features(x))
 
 
 def _infer_kwargs(sd: dict) -> dict:

@@ -33,27 +33,19 @@ converters fold. (EfficientFormerV2's own detection/segmentation backbones inste
 expanded N×N bias matrix over flattened token indices; we do not follow them because that blends
 biases across image rows.) Accuracy away from 224 without fine-tuning is not claimed by either paper.
 
-Figures at 224×224 (params in millions, MACs in G; ours measured with ``torch.utils.flop_counter``):
-
-====================  =============  ======  ============  ==========  =====  =====
-model                 paper params   timm    ours params   ours, BN    ours   paper
-                      / GMACs        params  (timm form)   folded      MACs   top-1
-====================  =============  ======  ============  ==========  =====  =====
-EfficientFormer-L1    12.3 / 1.3     12.29   12.290        12.258      1.291  79.2
-EfficientFormerV2-S1  6.1 / 0.65     6.19    6.186         6.115       0.652  79.0
-====================  =============  ======  ============  ==========  =====  =====
-
-Parameters match timm's counts to 0.1% (both heads included: the distillation head is
-224·1000 + 1000 = 0.225M in V2-S1). The papers' figures are consistent with counting the deployed model, whose BatchNorms
-fold into the preceding convs (which already carry biases): that count, 12.258M and 6.115M, rounds
-to both papers' figures, while V2-S1 with BN (6.186M) is 1.4% above its paper's 6.1M. MACs count convs,
-linears and attention matmuls (not BN, activations, pooling, softmax or the bias gather) and are
-within 0.7% of the papers'. Top-1 is the papers' (distilled training, as timm's weights).
+Figures at 224×224. Params and MACs (``torch.utils.flop_counter``) are measured by
+``edgevit-export list`` / ``info``, beside the papers'; ``tests/test_efficientformer.py`` checks how
+they relate. Parameters match timm's counts (both heads included: the distillation head is
+C·1000 + 1000 parameters). The papers' figures are consistent with counting the deployed model,
+whose BatchNorms fold into the preceding convs (which already carry biases): that count agrees
+with both papers' figures within 1%, while V2-S1 counted with its BatchNorms does not. MACs count
+convs, linears and attention matmuls (not BN, activations, pooling, softmax or the bias gather)
+and agree with the papers' within 1%. Top-1 is the papers' (distilled training, as timm's weights).
 
 Core ML: both convert at 224, 512 and 1024. The position bias of every attention is folded into
-a constant of shape (heads, Nq, Nk), so the .mlpackage grows with resolution: at 1024 (fp16)
-L1 goes from 24 to 40 MB, V2-S1 from 13 to 141 MB (its stage-4 downsampler alone holds an
-8×1024×4096 bias); at run time that attention map takes as much memory again.
+a constant of shape (heads, Nq, Nk), so the .mlpackage grows with resolution, by the square of the
+token count (at 1024, V2-S1's stage-4 downsampler alone holds an 8×1024×4096 bias); at run time
+that attention map takes as much memory again.
 """
 
 from __future__ import annotations
@@ -148,6 +140,11 @@ class PositionBias(nn.Module):
 
 
 # ---------------------------------------------------------------- EfficientFormer (V1)
+
+
+def _half(n: int) -> int:
+    """Output side of a 3×3 stride-2 conv with padding 1 (rounds up)."""
+    return (n - 1) // 2 + 1
 
 
 class Attention(PositionBias):
@@ -335,6 +332,7 @@ class EfficientFormer(nn.Module):
                                                num_vit=num_vit if i == 3 else 0, mlp_ratio=mlp_ratio))
             prev = dim
         self.stages = nn.Sequential(*stages)
+        self.num_classes = num_classes
         self.num_features = prev
         self.norm = nn.LayerNorm(prev)
         self.head = nn.Linear(prev, num_classes) if num_classes > 0 else nn.Identity()
@@ -346,13 +344,23 @@ class EfficientFormer(nn.Module):
         self.stage_names = [f"stages.{i}" for i in range(len(depths))]
 
     def forward_features(self, x):
-        return self.norm(self.stages(self.stem(x)))
+        """Image → the stage-4 map after the final LayerNorm, (B, C, H/32, W/32). Stage 4 ends in
+        tokens (B, h·w, C); they go back to the map they were flattened from."""
+        h, w = x.shape[2], x.shape[3]
+        for _ in range(2 + len(self.stages) - 1):  # stem: two stride-2 convs; one per downsample
+            h, w = _half(h), _half(w)
+        x = self.norm(self.stages(self.stem(x)))
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
-    def forward(self, x):
-        x = self.forward_features(x).mean(dim=1)
+    def forward_head(self, x):
+        """Map → logits: mean over the tokens; ``head`` and ``head_dist`` averaged."""
+        x = x.flatten(2).transpose(1, 2).mean(dim=1)
         if self.head_dist is None:
             return self.head(x)
         return (self.head(x) + self.head_dist(x)) / 2
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
 
 
 # ---------------------------------------------------------------- EfficientFormerV2
@@ -546,6 +554,7 @@ class EfficientFormerV2(nn.Module):
             stride *= 2 if i > 0 else 1
             prev = dim
         self.stages = nn.Sequential(*stages)
+        self.num_classes = num_classes
         self.num_features = prev
         self.norm = nn.BatchNorm2d(prev)
         self.head = nn.Linear(prev, num_classes) if num_classes > 0 else nn.Identity()
@@ -557,13 +566,18 @@ class EfficientFormerV2(nn.Module):
         self.stage_names = [f"stages.{i}" for i in range(len(depths))]
 
     def forward_features(self, x):
+        """Image → the stage-4 map after the final BatchNorm, (B, C, H/32, W/32)."""
         return self.norm(self.stages(self.stem(x)))
 
-    def forward(self, x):
-        x = self.forward_features(x).mean(dim=(2, 3))
+    def forward_head(self, x):
+        """Map → logits: global average pool; ``head`` and ``head_dist`` averaged."""
+        x = x.mean(dim=(2, 3))
         if self.head_dist is None:
             return self.head(x)
         return (self.head(x) + self.head_dist(x)) / 2
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
 
 
 # ---------------------------------------------------------------- checkpoints and registration

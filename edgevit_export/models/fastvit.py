@@ -22,31 +22,22 @@ single conv with bias (``reparam_conv``). ConvFFN's conv+BN and the attention pr
 reparameterised (timm leaves them too). ``inference_mode=True`` builds that form directly, so
 reparameterised checkpoints load as well.
 
-Figures at 256×256 (the paper's resolution and timm's default), params in millions, MACs in G:
+Figures at 256×256 (the paper's resolution and timm's default). Params and MACs are measured by
+``edgevit-export list`` / ``info`` (the train-time form, the one timm's checkpoints hold), shown
+beside the paper's; ``tests/test_fastvit.py`` checks how they relate:
 
-=======  ============  ===========  =================  =================  =====
-variant  paper params  timm params  ours: train-time   ours: reparam.     paper
-         / GFLOPs      (train-time) params / MACs      params / MACs      top-1
-=======  ============  ===========  =================  =================  =====
-T8       3.6 / 0.7     4.03         4.026 / 0.690      3.996 / 0.685      75.6
-T12      6.8 / 1.4     7.55         7.554 / 1.398      7.509 / 1.391      79.1
-SA12     10.9 / 1.9    11.58        11.581 / 1.944     11.545 / 1.937     80.6
-=======  ============  ===========  =================  =================  =====
-
-- Parameters match timm's counts of the train-time form (the form of timm's checkpoints) to
-  0.1%. The paper's counts are 0.40 / 0.71 / 0.65M (10 / 9 / 6%) below even the reparameterised
-  model, and no counting convention we tried reproduces all three: without the classifier
-  3.23 / 6.48 / 10.52M; with a plain C→1000 linear in place of the 2×-wide final conv (SE) and
-  classifier 3.53 / 6.85 / 10.89M (T12 and SA12 fit, T8 does not). The released checkpoints are
-  not quite the paper's models either: the official repository (apple/ml-fastvit) lists 76.2 /
-  79.3 / 80.9 top-1 for them against the paper's 75.6 / 79.1 / 80.6. We keep the architecture that
-  the released (and timm's) weights need and show the paper's figures as the paper's.
-- MACs: ``torch.utils.flop_counter`` on the reparameterised model counts convs, linears and the
-  attention matmuls (not BN, activations, pooling, SE gating). The paper gives one decimal; ours
-  round to it (−2.1 / −0.6 / +2.0% against the rounded figure, inside its ±0.05 G rounding).
-  timm's model cards list 0.70 / 1.42 / 1.96 GMACs for the train-time form (its profiler counts
-  slightly more than ours).
-- Top-1 is the paper's (ImageNet-1k, 256, without distillation); see above for the released weights'.
+- Parameters match timm's counts of the train-time form; reparameterisation removes under 1% of
+  them. The paper's counts lie several percent below even the reparameterised model, and no
+  counting convention we tried reproduces all three (leaving out the classifier; a plain C→1000
+  linear in place of the 2×-wide final conv (SE) and classifier fits T12 and SA12, not T8). The
+  released checkpoints are not quite the paper's models either: the authors' repository
+  (apple/ml-fastvit) lists a higher top-1 for each than the paper does. We keep the architecture
+  that the released (and timm's) weights need and show the paper's figures as the paper's.
+- MACs: ``torch.utils.flop_counter`` counts convs, linears and the attention matmuls (not BN,
+  activations, pooling, SE gating). The paper gives one decimal; ours round to it (within its
+  ±0.05 G rounding). timm's model cards list slightly more for the train-time form (its profiler
+  counts more than ours).
+- Top-1 is the paper's (ImageNet-1k, 256, without distillation).
 
 Resolution: the stem and the three PatchEmbeds halve H and W with 'same' padding; attention (SA)
 and SE are global, RepCPE is a convolution, so any size works. The registry offers multiples of 32
@@ -419,6 +410,7 @@ class FastViT(nn.Module):
             stages.append(FastVitStage(prev, dim, depth, attention, mlp_ratio, inference_mode))
             prev = dim
         self.stages = nn.Sequential(*stages)
+        self.num_classes = num_classes
         self.num_features = int(prev * cls_ratio)
         self.final_conv = MobileOneBlock(prev, self.num_features, 3, groups=prev, use_se=True,
                                          inference_mode=inference_mode)
@@ -431,10 +423,15 @@ class FastViT(nn.Module):
         self.stage_names = [f"stages.{i}" for i in range(len(layers))]
 
     def forward_features(self, x):
+        """Image → the map of the final 3×3 conv (SE, 2× the stage-4 width), (B, C, H/32, W/32)."""
         return self.final_conv(self.stages(self.stem(x)))
 
+    def forward_head(self, x):
+        """Map → logits: global average pool, Linear."""
+        return self.head(x)
+
     def forward(self, x):
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
     def prepare_for_export(self) -> None:

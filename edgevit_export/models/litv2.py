@@ -32,9 +32,9 @@ offset conv (not the stem conv's); the DTM offset conv counted with **12** outpu
 averages). Neither counts the deformable conv's bilinear sampling (``grid_sample`` here; the
 official formula counts only the offset conv and the 2×2 conv) nor the softmax; both count every
 Linear and attention matmul alike. :func:`official_flops_extra` is that difference (official −
-flop_counter). At 224²: litv2_s 3.7236 G counted + 0.0108 = 3.7344 G (paper 3.7), litv2_m
-7.4630 + 0.0162 = 7.4792 G (paper 7.5), litv2_b 13.1720 + 0.0216 = 13.1936 G (paper 13.2): the
-sums equal the official formulas evaluated at 224² exactly; the raw counts are within 0.7% of the paper.
+flop_counter): at 224², ``count_macs`` + ``official_flops_extra`` equals the official formulas
+exactly, and that sum rounds to the paper's GFLOPs (``tests/test_litv2.py`` measures both; the
+counts themselves are shown by ``edgevit-export list`` / ``info``).
 """
 
 from __future__ import annotations
@@ -311,16 +311,22 @@ class LITv2(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward_features(self, x):
+        """Image → the stage-4 map after the final LayerNorm, (B, C, H/32, W/32)."""
         h, w = x.shape[2], x.shape[3]
         if h % 32 or w % 32:
             raise ResolutionError(f"LITv2 needs height and width that are multiples of 32, got {h}x{w}")
         x, hw = self.patch_embed(x)
         for layer in self.layers:
             x, hw = layer(x, hw)
-        return self.norm(x).mean(dim=1)
+        x = self.norm(x)  # final LayerNorm, per token
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])  # tokens → (B, C, H/32, W/32)
+
+    def forward_head(self, x):
+        """Map → logits: mean over the tokens, Linear."""
+        return self.head(x.flatten(2).transpose(1, 2).mean(dim=1))
 
     def forward(self, x):
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
 
 def official_flops_extra(model: LITv2, res: tuple[int, int] = (224, 224)) -> int:

@@ -19,18 +19,17 @@ them. Blocks:
 All convs pad k//2 (timm's default, not TF "same"), so any input size works; we accept multiples
 of 32 (the network stride), at least 32 (1×1 final map).
 
-Measured against the paper (224×224):
+Against the paper at 224×224 (the counts themselves are measured by ``edgevit-export list`` /
+``info``; ``tests/test_mobilenetv3.py`` checks these relations):
 
-- Params: Small 2,542,856, Large 5,483,032, equal to timm's counts and to the trainable
-  parameters of the official TF/Keras models. The paper prints 2.5M / 5.4M, i.e. these counts
-  truncated to one decimal (2.54 → 2.5, 5.48 → 5.4): Large sits 1.5% and Small 1.7% above the
-  printed figure with no layer missing or extra (dropping BN's affine parameters, 12,112 / 24,400,
-  would not bring either within 1%).
+- Params equal timm's counts (and the trainable parameters of the official TF/Keras models). The
+  paper prints them truncated to one decimal, not rounded, so both sit more than 1% above the
+  printed figure with no layer missing or extra (dropping BN's affine parameters would not bring
+  either within 1%).
 - MACs (torch.utils.flop_counter: convs and the linear layer, the squeeze-excite 1×1 convs on
-  1×1 maps included): Small 56.51M, Large 216.59M; the reference figures 57 / 217 are these counts
-  rounded to whole millions. Without SE's convs (0.46M / 1.51M) they would round to 56 / 215, so
-  the reference counts SE's convs too. flop_counter leaves out BN, hard-swish/hard-sigmoid,
-  the SE gate multiply and pooling (0.29M + 0.29M / 0.60M + 0.60M) and residual adds.
+  1×1 maps included) round to the reference figures in whole millions; without SE's convs they
+  would not, so the reference counts SE's convs too. flop_counter leaves out BN,
+  hard-swish/hard-sigmoid, the SE gate multiply, pooling and residual adds.
 """
 
 from __future__ import annotations
@@ -175,6 +174,7 @@ class MobileNetV3(nn.Module):
             stages.append(nn.Sequential(*blocks))
         stages.append(nn.Sequential(ConvBnAct(cin, cfg["last_conv"])))
         self.blocks = nn.Sequential(*stages)
+        self.num_classes = num_classes
         self.num_features = cfg["num_features"]
         self.conv_head = nn.Conv2d(cfg["last_conv"], self.num_features, 1, bias=True)
         self.act2 = nn.Hardswish(inplace=True)
@@ -196,12 +196,17 @@ class MobileNetV3(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x):
+        """Image → the last stage's map (1×1 conv + BN + hard-swish), (B, C, H/32, W/32)."""
         return self.blocks(self.bn1(self.conv_stem(x)))
 
-    def forward(self, x):
-        x = self.forward_features(x).mean((2, 3), keepdim=True)
+    def forward_head(self, x):
+        """Map → logits: the "efficient last stage": global average pool, 1×1 conv, hard-swish, Linear."""
+        x = x.mean((2, 3), keepdim=True)
         x = self.flatten(self.act2(self.conv_head(x)))
         return self.classifier(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
 
 
 def convert_state_dict(sd: dict) -> dict:

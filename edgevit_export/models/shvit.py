@@ -174,20 +174,28 @@ class SHViT(nn.Module):
         self.blocks1 = nn.Sequential(*stages[0])
         self.blocks2 = nn.Sequential(*stages[1])
         self.blocks3 = nn.Sequential(*stages[2])
-        self.head = BN_Linear(embed_dim[-1], num_classes)
+        # As the official code: no classifier (the pooled features come out) for num_classes=0.
+        self.head = BN_Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.distillation = distillation
         if distillation:
-            self.head_dist = BN_Linear(embed_dim[-1], num_classes)
+            self.head_dist = BN_Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.num_classes = num_classes
         self.stage_names = ["patch_embed", "blocks1", "blocks2", "blocks3"]
 
-    def forward(self, x):
-        x = self.blocks3(self.blocks2(self.blocks1(self.patch_embed(x))))
+    def forward_features(self, x):
+        """Image → the stage-3 map (B, C, H/64, W/64)."""
+        return self.blocks3(self.blocks2(self.blocks1(self.patch_embed(x))))
+
+    def forward_head(self, x):
+        """Map → logits: global average pool, BN → Linear (the distilled head averaged in)."""
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         if self.distillation:
             a, b = self.head(x), self.head_dist(x)
             return (a + b) / 2 if not self.training else (a, b)
         return self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -237,8 +245,8 @@ def to_timm_layout(sd: dict) -> dict:
 
 def _infer(sd: dict) -> dict:
     kw = {"distillation": any(k.startswith("head_dist.") for k in sd)}
-    if "head.l.weight" in sd:
-        kw["num_classes"] = sd["head.l.weight"].shape[0]
+    w = sd.get("head.l.weight")
+    kw["num_classes"] = int(w.shape[0]) if w is not None else 0  # no head: a headless backbone
     return kw
 
 

@@ -69,8 +69,10 @@ class FoldBatchNorm(Pass):
             return False
         args = list(conv.args) + [None] * (7 - len(conv.args))
         w = constant_value(gm, args[1])
-        b = constant_value(gm, args[2]) if args[2] is not None else torch.zeros(w.shape[0])
-        if w is None or b is None:
+        if w is None:  # a weight computed from the input (or an input itself): left alone
+            return False
+        b = constant_value(gm, args[2]) if args[2] is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        if b is None:
             return False
         new_w = (w.double() * scale.view(-1, 1, 1, 1)).to(w.dtype)
         new_b = (b.double() * scale + shift).to(w.dtype)
@@ -89,8 +91,11 @@ class FoldBatchNorm(Pass):
             return False
         lin = users[0]
         w = constant_value(gm, lin.args[1])
-        b = constant_value(gm, lin.args[2]) if len(lin.args) > 2 and lin.args[2] is not None else torch.zeros(w.shape[0])
-        if w is None or b is None:
+        if w is None:  # a weight computed from the input (or an input itself): left alone
+            return False
+        has_bias = len(lin.args) > 2 and lin.args[2] is not None
+        b = constant_value(gm, lin.args[2]) if has_bias else torch.zeros(w.shape[0], dtype=w.dtype)
+        if b is None:
             return False
         new_w = (w.double() * scale.view(1, -1)).to(w.dtype)
         new_b = (b.double() + w.double() @ shift).to(w.dtype)

@@ -58,8 +58,10 @@ class NormalizeInput(Pass):
         if any(p != 0 for p in padding) or groups != 1:
             return False
         w = constant_value(gm, args[1])
-        bias = constant_value(gm, args[2]) if args[2] is not None else torch.zeros(w.shape[0])
-        if w is None or bias is None:
+        if w is None:  # a weight computed from the input (or an input itself): not folded into
+            return False
+        bias = constant_value(gm, args[2]) if args[2] is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        if bias is None:
             return False
         new_w = w.double() * a.view(1, -1, 1, 1)
         new_b = bias.double() + (w.double() * b.view(1, -1, 1, 1)).sum((1, 2, 3))

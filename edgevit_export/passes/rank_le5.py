@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import operator
 
-import torch
 import torch.fx as fx
 
 from .base import LAYOUT_OPS, PERMUTE_OPS, Pass, PassContext, PassRefused, annotate, aten, shape

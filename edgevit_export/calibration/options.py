@@ -1,0 +1,111 @@
+"""The flags of ``quantize``, checked once, up front: :meth:`QuantizeOptions.validated` raises
+:class:`~edgevit_export.errors.EdgeExportError` for a bad value before anything is read or written,
+and fills in what the flags leave open (the weight range for this CPU, 8-bit Core ML weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import EdgeExportError
+from .cpu import default_reduce_range
+
+METHODS = ("minmax", "entropy", "percentile")
+FORMATS = ("onnx", "coreml")
+PALETTE_BITS = (4, 6, 8)
+WEIGHT_BITS = (8,)
+AUTO_MAX_STEPS = 12            # keep-float auto gives up after this many candidates
+
+
+def at_least_one(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise EdgeExportError(f"{flag} must be at least 1, got {value}")
+
+
+def parse_keep_float(spec: str | list[str] | None) -> str | list[str] | None:
+    """``--keep-float``: None, ``"auto"``, or the node names (comma-separated or a list)."""
+    if spec is None or spec == "" or spec == []:
+        return None
+    if isinstance(spec, str):
+        if spec.strip().lower() == "auto":
+            return "auto"
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        names = list(spec)
+    if not names:
+        raise EdgeExportError("--keep-float needs 'auto' or node names separated by commas")
+    return names
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything ``quantize`` is told besides the model. ``keep_float`` is parsed (None, "auto"
+    or node names); after :meth:`validated`, ``reduce_range`` and ``weights_bits`` are decided and
+    ``reduce_range_note`` says why the range was chosen when the flag was left out (Core ML
+    compresses weights only: no weight range, no keep-float)."""
+
+    res: object = None
+    weights: str | None = None
+    calib: str | Path | None = None
+    calib_size: int = 256
+    method: str = "minmax"
+    per_channel: bool = True
+    reduce_range: bool | None = None
+    eval_dir: str | Path | None = None
+    labels: str | Path | None = None
+    eval_size: int | None = None
+    max_drop: float = 1.0
+    keep_float: str | list[str] | None = None
+    keep_float_max: int = AUTO_MAX_STEPS
+    format: str = "onnx"
+    weights_bits: int | None = None
+    palettize: int | None = None
+    sensitivity_samples: int = 8
+    out: str | Path = "exports"
+    force: bool = False
+    threads: int = 2
+    seed: int = 0
+    reduce_range_note: str = ""
+
+    def validated(self) -> QuantizeOptions:
+        if self.format not in FORMATS:
+            raise EdgeExportError(f"unknown --format '{self.format}'; use onnx or coreml")
+        if self.method not in METHODS:
+            raise EdgeExportError(f"unknown --method '{self.method}'; use one of: {', '.join(METHODS)}")
+        if self.max_drop is None or not math.isfinite(self.max_drop) or self.max_drop < 0:
+            raise EdgeExportError(f"--max-drop must be a non-negative number of top-1 points, got {self.max_drop}")
+        at_least_one("--eval-size", self.eval_size)
+        at_least_one("--threads", self.threads)
+        if self.sensitivity_samples < 0:
+            raise EdgeExportError(f"--sensitivity must be 0 or more images, got {self.sensitivity_samples}")
+        keep = parse_keep_float(self.keep_float)
+        at_least_one("--keep-float-max", self.keep_float_max)
+        if self.format == "onnx":
+            return self._validated_onnx(keep)
+        return self._validated_coreml(keep)
+
+    def _validated_onnx(self, keep) -> QuantizeOptions:
+        if self.weights_bits is not None or self.palettize is not None:
+            raise EdgeExportError("--weights-bits and --palettize apply to --format coreml; "
+                                  "ONNX quantization is int8 QDQ")
+        if self.calib is None:
+            raise EdgeExportError("int8 quantization needs calibration images: pass --calib DIR (images like "
+                                  "the ones the model will see) or --calib synthetic for a smoke run")
+        at_least_one("--calib-size", self.calib_size)
+        rr, note = (self.reduce_range, "") if self.reduce_range is not None else default_reduce_range()
+        return dataclasses.replace(self, keep_float=keep, reduce_range=rr, reduce_range_note=note)
+
+    def _validated_coreml(self, keep) -> QuantizeOptions:
+        if keep is not None:
+            raise EdgeExportError("--keep-float applies to --format onnx (Core ML compresses weights only)")
+        if self.weights_bits is not None and self.palettize is not None:
+            raise EdgeExportError("pass either --weights-bits 8 or --palettize N, not both")
+        if self.palettize is not None and self.palettize not in PALETTE_BITS:
+            raise EdgeExportError(f"--palettize takes 4, 6 or 8 bits, got {self.palettize}")
+        if self.weights_bits is not None and self.weights_bits not in WEIGHT_BITS:
+            raise EdgeExportError(f"--weights-bits takes 8 (linear int8), got {self.weights_bits}; "
+                                  "for fewer bits use --palettize 4 or 6")
+        bits = 8 if self.palettize is None and self.weights_bits is None else self.weights_bits
+        return dataclasses.replace(self, keep_float=keep, reduce_range=False, weights_bits=bits)

@@ -1,0 +1,202 @@
+"""Static int8 QDQ ONNX with ``onnxruntime.quantization``, and what it cost.
+
+``quant_pre_process`` first, then calibration (:mod:`.calibrate`), then QDQ with uint8 activations
+and int8 weights (per-channel or per-tensor). Float and int8 run on the same evaluation images;
+per-layer sensitivity ranks the quantized tensors by the error their Q/DQ injects, and
+``keep_float="auto"`` keeps the worst ones in float, one at a time, until the drop is within
+``max_drop`` (the keep-float rescue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+from pathlib import Path
+
+from ..errors import EdgeExportError
+from ..exporters.artifacts import size_bytes
+from ..progress import Callback, emit, prefixed
+from . import accuracy as acc
+from .calibrate import calibrate, calibration_method
+from .data import ImageSource, SyntheticSource
+from .evaluation import eval_source, float_vs_quantized
+from .results import CalibrationInfo, Job, KeepFloatStep, QuantizeResult, manifest, timed
+from .sensitivity import Sensitivity, sensitivity
+from .target import random_init_note
+
+SCHEME_TOOL = "onnxruntime.quantization (quant_pre_process + quantize_static, QDQ)"
+
+
+def quantize_qdq(pre_path: Path, out_path: Path, cache: Path, method: str, *, per_channel: bool,
+                 reduce_range: bool, exclude: list[str]) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(pre_path), str(out_path), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(exclude), calibrate_method=calibration_method(method),
+                    calibration_cache_path=str(cache),
+                    extra_options={"QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+
+
+def _pre_process(float_path: Path, pre_path: Path) -> None:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        quant_pre_process(str(float_path), str(pre_path), skip_symbolic_shape=False)
+
+
+def _named_nodes(pre_path: Path, keep) -> list[str]:
+    """The nodes ``--keep-float NODE,…`` names (each checked against the graph), or none."""
+    import onnx
+
+    if not isinstance(keep, list):
+        return []
+    node_names = [n.name for n in onnx.load(str(pre_path), load_external_data=False).graph.node]
+    unknown = [k for k in keep if k not in set(node_names)]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], node_names, n=2, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise EdgeExportError(f"--keep-float: no node named {unknown[0]!r}{hint}; names are those of the "
+                              "sensitivity table (run once without --keep-float to see them)")
+    return list(keep)
+
+
+def _calibration_info(job: Job) -> tuple[CalibrationInfo, list[str]]:
+    src, scan, pre = job.calib_src, job.calib_scan, job.target.preprocess
+    requested = src.count if src.synthetic else src.limit
+    info = CalibrationInfo("synthetic" if src.synthetic else str(scan.root), src.synthetic, len(src.used),
+                           requested, src.digest(), scan.non_images if scan else 0, list(src.skipped),
+                           pre.describe())
+    notes = []
+    if src.synthetic:
+        notes.append("SYNTHETIC calibration (drawn shapes): a smoke run of the pipeline, not for shipping — "
+                     "calibrate on real images from your domain")
+    elif len(src.used) < requested:
+        notes.append(f"calibrated on {len(src.used)} images ({requested} requested; the folder has "
+                     "no more readable images)")
+    return info, notes
+
+
+class _Int8:
+    """One int8 quantization job, stage by stage; :meth:`run` returns the result."""
+
+    def __init__(self, job: Job, step: Callback | None):
+        self.job, self.opts, self.step = job, job.opts, step
+        self.seconds: dict[str, float] = {}
+        self.notes = [n for n in (job.opts.reduce_range_note, job.target.note) if n]
+        self.pre_path = job.tmp / "float.pre.onnx"
+        self.staged = job.tmp / job.artifact.name
+        self.cache: Path | None = None
+        self.excluded: list[str] = []
+
+    def run(self) -> QuantizeResult:
+        job, opts, step = self.job, self.opts, self.step
+        with timed(self.seconds, "export"):
+            float_path, float_manifest = self._float_model()
+        emit(step, "pre-process (shape inference, optimisation)")
+        with timed(self.seconds, "pre_process"):
+            _pre_process(float_path, self.pre_path)
+        self.excluded = _named_nodes(self.pre_path, opts.keep_float)
+        with timed(self.seconds, "calibrate"):
+            self.cache = calibrate(self.pre_path, job.calib_src, opts.method, job.tmp, threads=opts.threads,
+                                   progress=step)
+        calib_info, calib_notes = _calibration_info(job)
+        self.notes += calib_notes
+        emit(step, "quantize")
+        with timed(self.seconds, "quantize"):
+            self._quantize()
+        # evaluation: float once, int8 per attempt
+        with timed(self.seconds, "evaluate"):
+            ev_src, ev_info = eval_source(job.eval_set, opts.eval_size, job.target, job.calib_src, opts.seed)
+            lg, comparison = float_vs_quantized(acc.OrtPredictor(self.pre_path, threads=opts.threads),
+                                                acc.OrtPredictor(self.staged, threads=opts.threads), ev_src, ev_info,
+                                                step, "evaluate float + int8")
+        sens = self._sensitivity()
+        baseline, steps = None, []
+        if opts.keep_float == "auto" and comparison.drop > opts.max_drop:
+            baseline = comparison
+            with timed(self.seconds, "keep_float"):
+                comparison, steps = self._keep_float_auto(sens, lg, ev_src, comparison)
+        if job.eval_set is None:
+            self.notes.append(f"no --eval: the gate applies to {comparison.drop_label} "
+                              f"({ev_info.note.split(': ', 1)[-1]})")
+        scheme = ("int8 QDQ: uint8 asymmetric activations, int8 symmetric "
+                  f"{'per-channel' if opts.per_channel else 'per-tensor'} weights"
+                  + (" (7-bit range)" if opts.reduce_range else ""))
+        sizes = {"float_bytes": size_bytes(float_path), "int8_bytes": size_bytes(self.staged)}
+        res = QuantizeResult(job.target.name, "onnx", job.target.hw, job.artifact, job.manifest_path, {}, scheme,
+                             opts.method, calib_info, ev_info, comparison, baseline, opts.max_drop, self.excluded,
+                             steps, sens, self.notes, sizes, self.seconds)
+        res.manifest = manifest(res, job.target, float_manifest, opts, opts.per_channel, self.staged, SCHEME_TOOL)
+        return res
+
+    def _float_model(self) -> tuple[Path, dict | None]:
+        """The float ONNX: exported here (and checked against PyTorch) for a model name."""
+        from .. import api
+
+        target, step = self.job.target, self.step
+        if target.kind != "model":
+            return target.path, target.float_manifest
+        emit(step, "export float ONNX")
+        r = api.export(target.name, format="onnx", res=target.hw, weights=self.opts.weights,
+                       out=self.job.tmp / "float", force=True, check=True,
+                       progress=prefixed(step, "export float ONNX: "))
+        if not r.passed:
+            raise EdgeExportError(f"the float ONNX export of {target.name} did not match PyTorch "
+                                  "(run 'edgevit-export export' to see the parity figures)")
+        if r.random_init:
+            self.notes.append(random_init_note(target.name))
+        return r.artifact, r.manifest
+
+    def _quantize(self) -> None:
+        quantize_qdq(self.pre_path, self.staged, self.cache, self.opts.method, per_channel=self.opts.per_channel,
+                     reduce_range=self.opts.reduce_range, exclude=self.excluded)
+
+    def _sensitivity(self) -> list[Sensitivity]:
+        """Per-layer sensitivity on a few calibration images (at least 4 for keep-float auto)."""
+        opts, src, pre = self.opts, self.job.calib_src, self.job.target.preprocess
+        if opts.sensitivity_samples == 0 and opts.keep_float != "auto":
+            return []
+        n = max(opts.sensitivity_samples, 4) if opts.keep_float == "auto" else opts.sensitivity_samples
+        if src.synthetic:
+            s_src = SyntheticSource(n, pre, seed=opts.seed)
+        else:
+            s_src = ImageSource(list(src.used), pre, root=src.root, limit=n)
+        with timed(self.seconds, "sensitivity"):
+            return sensitivity(self.pre_path, self.staged, s_src, self.job.tmp / "debug", threads=opts.threads,
+                               progress=self.step)
+
+    def _keep_float_auto(self, sens: list[Sensitivity], lg: acc.Logits, ev_src,
+                         comparison: acc.Comparison) -> tuple[acc.Comparison, list[KeepFloatStep]]:
+        """The keep-float rescue: keep the worst candidate's nodes in float, re-quantize (same
+        calibration), re-evaluate int8 against the same float logits; until within --max-drop."""
+        opts, steps, images = self.opts, [], None
+        for cand in sens:
+            if len(steps) >= opts.keep_float_max:
+                break
+            new = [nm for nm in cand.nodes if nm not in self.excluded]
+            if not new:
+                continue
+            self.excluded.extend(new)
+            emit(self.step, f"keep float: {', '.join(new)[:60]}")
+            self._quantize()
+            if images is None:   # in memory once, not re-read each step
+                images = list(ev_src) if len(ev_src) <= 2048 else ev_src
+            lq = acc.collect_logits({"int8": acc.OrtPredictor(self.staged, threads=opts.threads)}, images,
+                                    progress=self.step, task=f"evaluate int8 (keep-float step {len(steps) + 1})")
+            comparison = acc.compare(lg.values["float"], lq.values["int8"], lg.labels)
+            steps.append(KeepFloatStep(new, f"{cand.kind} {cand.tensor} ({cand.sqnr_db:.1f} dB)",
+                                       len(self.excluded), comparison.drop))
+            if comparison.drop <= opts.max_drop:
+                break
+        if comparison.drop > opts.max_drop:
+            self.notes.append(f"--keep-float auto kept {len(self.excluded)} nodes in float over {len(steps)} steps "
+                              f"and the drop is still {comparison.drop:.2f} > {opts.max_drop:g}; try --method "
+                              "percentile or entropy, more calibration images, or --per-channel")
+        return comparison, steps
+
+
+def quantize_onnx(job: Job, step: Callback | None) -> QuantizeResult:
+    """Int8 QDQ of ``job``, staged in ``job.tmp``."""
+    return _Int8(job, step).run()
