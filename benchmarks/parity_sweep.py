@@ -55,7 +55,7 @@ def report(results: dict) -> str:
         times = f"{big[-1][1]['convert_s']} / {big[-1][1]['check_s']}" if big else "—"
         lines.append(f"| {name} | {', '.join(map(str, passed)) or '—'} | {fmt_e(worst(ok('onnx'), 'max_rel'))} | "
                      f"{fmt_e(worst(ok('coreml:fp32'), 'max_rel'))} | {fmt_e(worst(ok('coreml:fp16'), 'max_rel'))}"
-                     f"{f' ({cos:.5f})' if cos is not None else ''} | "
+                     f"{f' ({cos:.6f})' if cos is not None else ''} | "
                      f"{times} | "
                      f"{'; '.join(failed) or '—'} |")
     return "\n".join(lines)

@@ -145,7 +145,7 @@ def export(
 
     t = time.perf_counter()
     ctx = PassContext((example,), mean=info.mean, std=info.std)
-    pipe = run_passes(ep, pass_names, ctx, progress=lambda n: emit(progress, f"pass {n}"))
+    pipe = run_passes(ep, pass_names, ctx, progress=progress)
     timings["passes"] = time.perf_counter() - t
     if fmt.max_rank and pipe.after.max_rank > fmt.max_rank:
         _refuse_high_rank(pipe, pass_names, fmt)
@@ -584,7 +584,7 @@ def inspect(name: str, *, res=None, format: str = "onnx", passes: str | None = "
     gm0 = ep.module()
     annotate(gm0, (example,))
     ctx = PassContext((example,), mean=info_.mean, std=info_.std)
-    pipe = run_passes(ep, names, ctx, progress=lambda n: emit(progress, f"pass {n}"))
+    pipe = run_passes(ep, names, ctx, progress=progress)
     gm1 = pipe.program.module()
     annotate(gm1, (pipe.example_input,))
     return InspectReport(name, format, hw, names, graph_stats(gm0).as_dict(), graph_stats(gm1).as_dict(),

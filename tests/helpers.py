@@ -63,6 +63,30 @@ def coreml_convert(model: torch.nn.Module | torch.export.ExportedProgram, x: tor
         return ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
 
 
+def coreml_rel_error(model: torch.nn.Module | torch.export.ExportedProgram, x: torch.Tensor, path) -> float:
+    """Convert to an fp32 ML Program (iOS16), save it to ``path`` (``.mlpackage``), run the saved
+    package in the Core ML reference runner on ``x``: max error relative to PyTorch's output scale."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    with _quiet():
+        ct = pytest.importorskip("coremltools")
+    from edgevit_export.exporters.coreml_runner import CoreMLRunner
+
+    if isinstance(model, torch.export.ExportedProgram):
+        ep = model.run_decompositions({})
+    else:
+        ep = torch.export.export(model.eval(), (x,)).run_decompositions({})
+    with torch.no_grad():
+        ref = ep.module()(x).numpy()
+    with _quiet():
+        ml = ct.convert(ep, inputs=[ct.TensorType(name="x", shape=tuple(x.shape))], outputs=[ct.TensorType(name="y")],
+                        convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                        compute_precision=ct.precision.FLOAT32)
+    ml.save(str(path))
+    out = CoreMLRunner(path)({"x": x.numpy()})["y"]
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
 def random_state_dict(shapes: Iterable[tuple[str, tuple]], *, seed: int,
                       batches_tracked: int) -> dict[str, torch.Tensor]:
     """A checkpoint with the given keys and shapes and random values: ``num_batches_tracked`` set

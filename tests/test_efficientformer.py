@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import coreml_convert, onnx_rel_error
+from helpers import coreml_rel_error, onnx_rel_error
 
 from edgevit_export.errors import ResolutionError
 from edgevit_export.measure import count_macs, count_params
@@ -272,5 +272,6 @@ def test_onnx_parity_l1(tmp_path, res):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("res", [224, 512])
-def test_coreml_conversion(name, res):
-    coreml_convert(create_model(name), torch.randn(1, 3, res, res))
+def test_coreml_conversion(name, res, tmp_path):
+    model = _randomise(create_model(name), seed=4)
+    assert coreml_rel_error(model, torch.randn(1, 3, res, res), tmp_path / "m.mlpackage") <= 1e-4

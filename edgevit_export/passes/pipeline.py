@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import EdgeExportError
+from ..progress import Callback, emit
 from .base import GraphStats, Pass, PassContext, PassRefused, annotate, finish, graph_stats, rel_err
 from .cancel_reshapes import CancelReshapes
 from .fold_batchnorm import FoldBatchNorm
@@ -98,7 +99,7 @@ def resolve_passes(spec: str | list[str] | None, backend: str, *, tensor_input: 
 
 
 def run_passes(ep: torch.export.ExportedProgram, names: list[str], ctx: PassContext,
-               progress=None) -> PipelineResult:
+               progress: Callback | None = None) -> PipelineResult:
     gm = ep.module()
     start = graph_stats(gm)
     results: list[PassResult] = []
@@ -107,8 +108,7 @@ def run_passes(ep: torch.export.ExportedProgram, names: list[str], ctx: PassCont
     tol = max(EXACT_TOL, NOISE_FACTOR * rounding_noise(gm, ctx.example_inputs[0], cur_out))
     for name in names:
         p = PASSES[name]
-        if progress:
-            progress(name)
+        emit(progress, f"pass {name}")
         backup = copy.deepcopy(gm)
         before = graph_stats(gm)
         x = p.sample_input(ctx)
