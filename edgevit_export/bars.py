@@ -1,5 +1,5 @@
-"""Progress events rendered with rich (CLI side): a status line for each stage, ticked off with
-its duration when the next event arrives, and a bar for each counted task."""
+"""Progress events rendered with rich (CLI side): a spinner line for each stage, printed as
+"✓ stage (duration)" when the next event arrives, and a bar for each counted task."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ class Bars:
         if self.stage is not None:
             name, tid, t0 = self.stage
             took = time.perf_counter() - t0
-            self.progress.update(tid, description=f"[dim]✓ {name} ({took:.1f}s)[/]", total=1, completed=1)
+            self.progress.remove_task(tid)   # a finished stage is one plain line above the bars
+            self.progress.console.print(f"  [dim]✓ {name} ({took:.1f}s)[/]", highlight=False)
             self.stage = None
 
     def __call__(self, e: Event) -> None:

@@ -166,7 +166,7 @@ def export(
     render_passes(r.pipeline)
     render_checks(r.checks)
     golden = (f"\n[bold green]wrote[/] {r.manifest_path.with_name(r.manifest['golden']['file'])}  "
-              f"({r.manifest['golden']['samples']} seeded inputs and PyTorch's outputs, for 'edgevit-export check')"
+              f"(seeded inputs ×{r.manifest['golden']['samples']} and PyTorch's outputs, for 'edgevit-export check')"
               if r.manifest.get("golden") else "")
     console.print(f"[bold green]wrote[/] {r.artifact}  ({_size(r.artifact)})\n[bold green]wrote[/] {r.manifest_path}"
                   f"{golden}  [dim]{time.perf_counter() - started:.1f}s in all[/]")
