@@ -169,7 +169,7 @@ def export(
 
         t = time.perf_counter()
         if check:
-            emit(progress, f"check against PyTorch ({fmt.title} runner)")
+            emit(progress, f"check the saved {fmt.title} artifact against PyTorch")
             checks["structure"] = backend.structure(backend.describe(staged), options)
             runner = backend.load(staged)
             feeds = seeded_feeds(runner.inputs, 3, pipe.input_scale if pipe.raw_input else None)

@@ -224,15 +224,16 @@ def render_checks(checks: dict) -> None:
 @handle_errors
 def passes_cmd():
     """The op-rewrite passes, one line each, and the default pipeline per format."""
-    from .passes import DEFAULT_PIPELINES, PASSES
+    from .exporters import FORMATS
+    from .passes import PASSES
 
     t = Table(title="op-rewrite passes")
     t.add_column("pass")
     t.add_column("what it rewrites")
-    for fmt in DEFAULT_PIPELINES:
+    for fmt in FORMATS:
         t.add_column(f"default: {fmt}", justify="center")
     for name, p in PASSES.items():
-        t.add_row(name, p.summary, *("✓" if name in DEFAULT_PIPELINES[f] else "" for f in DEFAULT_PIPELINES))
+        t.add_row(name, p.summary, *("✓" if name in f.passes else "" for f in FORMATS.values()))
     console.print(t)
 
 

@@ -184,9 +184,7 @@ def _pt2_module():
 def test_a_new_format_is_one_module_and_one_registration(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "pt2_format_for_tests", _pt2_module())
     monkeypatch.setitem(exporters.FORMATS, "pt2", exporters.Format("pt2", "pt2_format_for_tests", ".pt2", ".pt2",
-                                                                   "ExportedProgram"))
-    monkeypatch.setitem(__import__("edgevit_export.passes.pipeline", fromlist=["x"]).DEFAULT_PIPELINES, "pt2",
-                        ["static_shapes", "fold_batchnorm"])
+                                                                   "ExportedProgram", ("static_shapes", "fold_batchnorm")))
     r = api.export("shvit_s1", format="pt2", res=64, out=tmp_path)
     assert r.passed and r.artifact.name == "shvit_s1-64.pt2" and r.checks["parity"]["max_rel"] < 1e-5
     assert r.manifest_path.name == "shvit_s1-64.pt2.json" and r.checks["structure"]["passed"]

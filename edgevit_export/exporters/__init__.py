@@ -33,6 +33,7 @@ class Format:
     suffix: str               # the artifact's suffix
     tag: str                  # between the artifact's stem and .json / .golden.npz (formats can share a folder)
     title: str
+    passes: tuple[str, ...] = ()  # the default pass pipeline: what this runtime needs rewritten
     max_rank: int | None = None   # the runtime's tensor rank limit, checked before conversion
 
     def backend(self):
@@ -46,8 +47,11 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("onnx", "edgevit_export.exporters.onnx", ".onnx", "", "ONNX"),
-    Format("coreml", "edgevit_export.exporters.coreml", ".mlpackage", ".coreml", "Core ML", max_rank=5),
+    Format("onnx", "edgevit_export.exporters.onnx", ".onnx", "", "ONNX",
+           ("static_shapes", "fold_batchnorm", "rank_le5", "cancel_reshapes")),
+    Format("coreml", "edgevit_export.exporters.coreml", ".mlpackage", ".coreml", "Core ML",
+           ("static_shapes", "fold_batchnorm", "rank_le5", "cancel_reshapes", "linear_to_conv", "normalize_input"),
+           max_rank=5),
 )}
 
 

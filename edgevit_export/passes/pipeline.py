@@ -1,4 +1,4 @@
-"""The pass registry, the default pipeline per backend, and the runner that proves each pass.
+"""The pass registry and the runner that proves each pass (each format names its default pipeline).
 
 ``run_passes`` takes the captured program, applies the named passes one by one to its unlifted
 graph, checks after every pass that the rewritten graph computes the same function on a seeded
@@ -40,11 +40,6 @@ def rounding_noise(gm, example: torch.Tensor, out) -> float:
 PASSES: dict[str, Pass] = {p.name: p for p in (
     StaticShapes(), FoldBatchNorm(), RankLe5(), CancelReshapes(), LinearToConv(), NormalizeInput())}
 
-DEFAULT_PIPELINES = {
-    "onnx": ["static_shapes", "fold_batchnorm", "rank_le5", "cancel_reshapes"],
-    "coreml": ["static_shapes", "fold_batchnorm", "rank_le5", "cancel_reshapes", "linear_to_conv",
-               "normalize_input"],
-}
 
 
 @dataclass
@@ -82,9 +77,12 @@ class PipelineResult:
 
 
 def resolve_passes(spec: str | list[str] | None, backend: str, *, tensor_input: bool = False) -> list[str]:
-    """``default`` | ``none`` | ``name,name,…`` → a list of pass names (validated)."""
+    """``default`` | ``none`` | ``name,name,…`` → a list of pass names (validated); ``default`` is
+    the format's own pipeline (``exporters.FORMATS[backend].passes``)."""
+    from ..exporters import get
+
     if spec is None or spec == "default":
-        names = list(DEFAULT_PIPELINES[backend])
+        names = list(get(backend).passes)
         if tensor_input and "normalize_input" in names:
             names.remove("normalize_input")
         return names
