@@ -46,6 +46,11 @@ class DataError(EdgeExportError):
     pass
 
 
+class CannotRun(EdgeExportError):
+    """A runner cannot execute an artifact (an op it does not implement, say). On its own it is a
+    one-line error; during an export the artifact is kept and the parity check fails with it."""
+
+
 class CheckFailed(Exception):
     """A numeric or structural check failed. Exit code 1."""
 

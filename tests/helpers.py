@@ -44,21 +44,22 @@ def onnx_rel_error(model: torch.nn.Module | torch.export.ExportedProgram, x: tor
     return float(np.abs(out - ref).max() / np.abs(ref).max())
 
 
-def coreml_convert(model: torch.nn.Module | torch.export.ExportedProgram, x: torch.Tensor | None = None):
-    """Convert to a Core ML ML Program (iOS16) and return the ``MLModel``.
-
-    A module is exported first: ``torch.export.export(model.eval(), (x,)).run_decompositions({})``;
-    an ExportedProgram (``x`` unused) only gets ``run_decompositions({})``. coremltools' import
-    and conversion output (progress bars, warnings) is swallowed. Skips when coremltools is missing.
-    """
+def _coreml_and_program(model, x):
+    """coremltools (quiet; skips when missing) and the decomposed program of a module (exported
+    on ``x``) or of an ExportedProgram."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     with _quiet():
         ct = pytest.importorskip("coremltools")
     if isinstance(model, torch.export.ExportedProgram):
-        ep = model.run_decompositions({})
-    else:
-        ep = torch.export.export(model.eval(), (x,)).run_decompositions({})
+        return ct, model.run_decompositions({})
+    return ct, torch.export.export(model.eval(), (x,)).run_decompositions({})
+
+
+def coreml_convert(model: torch.nn.Module | torch.export.ExportedProgram, x: torch.Tensor | None = None):
+    """Convert to a Core ML ML Program (iOS16) and return the ``MLModel`` (``x`` unused for an
+    ExportedProgram); coremltools' output (progress bars, warnings) is swallowed."""
+    ct, ep = _coreml_and_program(model, x)
     with _quiet():
         return ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
 
@@ -66,16 +67,9 @@ def coreml_convert(model: torch.nn.Module | torch.export.ExportedProgram, x: tor
 def coreml_rel_error(model: torch.nn.Module | torch.export.ExportedProgram, x: torch.Tensor, path) -> float:
     """Convert to an fp32 ML Program (iOS16), save it to ``path`` (``.mlpackage``), run the saved
     package in the Core ML reference runner on ``x``: max error relative to PyTorch's output scale."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    with _quiet():
-        ct = pytest.importorskip("coremltools")
     from edgevit_export.exporters.coreml_runner import CoreMLRunner
 
-    if isinstance(model, torch.export.ExportedProgram):
-        ep = model.run_decompositions({})
-    else:
-        ep = torch.export.export(model.eval(), (x,)).run_decompositions({})
+    ct, ep = _coreml_and_program(model, x)
     with torch.no_grad():
         ref = ep.module()(x).numpy()
     with _quiet():

@@ -211,3 +211,15 @@ def test_run_agrees_between_onnx_and_coreml_on_trained_weights(trained, tmp_path
         assert abs(pa.top[0][1] - pb.top[0][1]) < 2e-2               # same probability, within fp16
         right += pb.top[0][0] == cls
     assert right >= 8, [p.top for p in b.predictions]               # the demo is ~94% accurate
+
+
+def test_an_op_the_runner_lacks_fails_the_check_and_keeps_the_artifact(cli, tmp_path, monkeypatch):
+    from edgevit_export.exporters import coreml_runner
+
+    monkeypatch.delitem(coreml_runner._IMPLS, "softmax")
+    res = cli("export", "shvit_s1", "--format", "coreml", "--res", "64", "--precision", "fp32", "--out", tmp_path)
+    assert res.exit_code == 1, res.output
+    assert "op 'softmax'" in res.output and "PASS structure" in res.output and "Traceback" not in res.output
+    assert (tmp_path / "shvit_s1-64.mlpackage").is_dir() and not (tmp_path / "shvit_s1-64.coreml.golden.npz").exists()
+    m = json.loads((tmp_path / "shvit_s1-64.coreml.json").read_text())
+    assert not m["checks"]["parity"]["passed"] and "softmax" in m["checks"]["parity"]["summary"]

@@ -59,12 +59,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import EdgeExportError, first_line
+from ..errors import CannotRun, EdgeExportError, first_line
 
 __all__ = ["CoreMLRunner", "UnsupportedOp", "load", "SUPPORTED_OPS"]
 
 
-class UnsupportedOp(EdgeExportError):
+class UnsupportedOp(CannotRun):
     """An op of the program that this runner cannot execute (one line: op type and op name)."""
 
     def __init__(self, op_type: str, op_name: str, why: str = "is not implemented"):
