@@ -182,6 +182,7 @@ def test_one_resolution_plots_a_ranking(tmp_path, monkeypatch):
     (("shvit_s1", "--res", "100"), "cannot take 100x100"),
     (("shvit_s9",), "unknown model 'shvit_s9'"),
     (("shvit_s1", "--runtime", "tflite"), "unknown runtime"),
+    (("shvit_s1", "--runtime", "coreml"), "not to time them"),
     (("shvit_s1", "--plot", "latency.jpg"), "must end in .png"),
 ])
 def test_bad_input_one_line_exit_2(cli, tmp_path, args, message):

@@ -38,6 +38,10 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
 
     t_start = time.perf_counter()
     proto = get_protocol(protocol)
+    if runtime == "coreml":   # the reference runner checks packages; it says nothing about Core ML's speed
+        raise EdgeExportError("Core ML packages run here only in the reference runner, which executes them to "
+                              "check their numbers, not to time them (there is no Core ML runtime on Linux); time "
+                              ".mlpackage files on a device (Xcode's Performance report), or use --runtime ort | torch")
     if runtime not in RUNTIMES:
         raise EdgeExportError(f"unknown runtime '{runtime}'; use one of: {', '.join(RUNTIMES)}")
     if runs is not None and runs < 1:
