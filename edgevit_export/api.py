@@ -282,9 +282,13 @@ def _read_manifest(artifact: Path, fmt, required: bool) -> dict | None:
                                   "edgevit-export writes with every artifact — re-export it")
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgeExportError(f"manifest {path} is not readable JSON ({type(e).__name__}); re-export the artifact") from None
+    if not isinstance(manifest, dict) or not all(k in manifest for k in ("model", "resolution", "normalization")):
+        raise EdgeExportError(f"{path} is not a manifest edgevit-export wrote (no model, resolution, normalization); "
+                              "re-export the artifact")
+    return manifest
 
 
 @dataclass

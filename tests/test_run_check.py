@@ -223,3 +223,17 @@ def test_an_op_the_runner_lacks_fails_the_check_and_keeps_the_artifact(cli, tmp_
     assert (tmp_path / "shvit_s1-64.mlpackage").is_dir() and not (tmp_path / "shvit_s1-64.coreml.golden.npz").exists()
     m = json.loads((tmp_path / "shvit_s1-64.coreml.json").read_text())
     assert not m["checks"]["parity"]["passed"] and "softmax" in m["checks"]["parity"]["summary"]
+
+
+def test_broken_golden_or_manifest_is_a_one_line_error(cli, onnx_export, tmp_path):
+    for f in onnx_export.artifact.parent.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    art = tmp_path / onnx_export.artifact.name
+    golden = tmp_path / "shvit_s1-64.golden.npz"
+    golden.write_bytes(golden.read_bytes()[:200])                  # truncated
+    _one_line_error(cli("check", art), "golden file")
+    np.savez(golden, **{"input:images": np.zeros((1, 1, 3, 32, 32), np.float32),
+                        "output:logits": np.zeros((1, 1, 1000), np.float32)})   # another model's inputs
+    _one_line_error(cli("check", art), "onnxruntime cannot run")
+    (tmp_path / "shvit_s1-64.json").write_text("[1, 2]")
+    _one_line_error(cli("check", art), "not a manifest")

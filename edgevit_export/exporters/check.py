@@ -10,6 +10,7 @@ checkpoint and an app developer can compare on the device.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from .. import metrics
+from ..errors import EdgeExportError, first_line
 
 GOLDEN_MAX_BYTES = 16_000_000   # inputs kept in the golden file: 3 samples, fewer for large inputs
 
@@ -151,11 +153,18 @@ def _compact(a: np.ndarray) -> np.ndarray:
 
 def read_golden(path: Path) -> tuple[list[dict[str, np.ndarray]], list[list[np.ndarray]], list[str]]:
     """(feeds, references, output names) as written by :func:`write_golden`."""
-    with np.load(path, allow_pickle=False) as z:
-        ins = {k.split(":", 1)[1]: z[k].astype(np.float32) if z[k].dtype == np.uint8 else z[k]
-               for k in z.files if k.startswith("input:")}
-        out_names = [k.split(":", 1)[1] for k in z.files if k.startswith("output:")]
-        outs = [z[f"output:{n}"] for n in out_names]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ins = {k.split(":", 1)[1]: z[k].astype(np.float32) if z[k].dtype == np.uint8 else z[k]
+                   for k in z.files if k.startswith("input:")}
+            out_names = [k.split(":", 1)[1] for k in z.files if k.startswith("output:")]
+            outs = [z[f"output:{n}"] for n in out_names]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise EdgeExportError(f"golden file {path} is not readable ({first_line(e)[:120]}); re-export the artifact, "
+                              "or pass --weights to check against the checkpoint") from None
+    if not ins or not outs or len({len(a) for a in [*ins.values(), *outs]}) != 1:
+        raise EdgeExportError(f"golden file {path} does not hold matching input:/output: arrays; re-export the "
+                              "artifact, or pass --weights to check against the checkpoint")
     count = len(next(iter(ins.values())))
     feeds = [{n: a[k] for n, a in ins.items()} for k in range(count)]
     return feeds, [[o[k] for o in outs] for k in range(count)], out_names

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..errors import EdgeExportError
+from ..errors import EdgeExportError, first_line
 from ..ort import user_session
 from .check import Gate
 
@@ -98,8 +98,15 @@ class OnnxRunner:
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o["name"] for o in self.outputs]
+        missing = [d["name"] for d in self.inputs if d["name"] not in inputs]
+        if missing:
+            raise EdgeExportError(f"{self.path.name} takes input '{missing[0]}'; it was not given")
         feeds = {d["name"]: np.ascontiguousarray(inputs[d["name"]], dtype=np.float32) for d in self.inputs}
-        return dict(zip(names, self.session.run(names, feeds)))
+        try:
+            return dict(zip(names, self.session.run(names, feeds)))
+        except Exception as e:  # onnxruntime's own types: wrong shape or rank for this model
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items())
+            raise EdgeExportError(f"onnxruntime cannot run {self.path.name} on {shapes}: {first_line(e)[:200]}") from None
 
     numeric = __call__   # every output of our ONNX files is a number PyTorch computes too
 
