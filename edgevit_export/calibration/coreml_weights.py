@@ -1,9 +1,11 @@
 """Core ML weight compression, and what it cost.
 
 The model is exported to ``.mlpackage`` and its weights compressed with ``coremltools.optimize.coreml``
-(8-bit linear, or 4/6/8-bit palettization with a k-means table). Core ML cannot run on Linux, so
-the accuracy of the compressed weights is measured in PyTorch by applying the same compression (the
-same coremltools routine, or the same k-means function) to the same BN-folded torch program.
+(8-bit linear, or 4/6/8-bit palettization with a k-means table). The accuracy of the compressed
+weights is measured in PyTorch by applying the same compression (the same coremltools routine, or
+the same k-means function) to the same BN-folded torch program; the compressed package itself
+runs in the Core ML reference runner (``edgevit-export run`` / ``check``), which does not yet
+drive this evaluation.
 """
 
 from __future__ import annotations
@@ -198,8 +200,8 @@ def compress_coreml(job: Job, step: Callback | None) -> QuantizeResult:
 
     target, opts = job.target, job.opts
     seconds: dict[str, float] = {}
-    notes = ["Core ML cannot run on Linux: these accuracy figures are measured in PyTorch, with the same weight "
-             "compression applied to the same BN-folded torch program (fp32 compute; the phone computes in fp16)"]
+    notes = ["these accuracy figures are measured in PyTorch, with the same weight compression applied to the "
+             "same BN-folded torch program (fp32 compute; the phone computes in fp16)"]
     with timed(seconds, "export"):
         labels_arg = None
         if opts.labels is not None:

@@ -55,8 +55,9 @@ def resolve_target(model: str, res, weights: str | None, purpose: str = "quantiz
     p = Path(model).expanduser()
     if model.endswith(".mlpackage") or model.endswith(".mlmodel"):
         if purpose == "evaluate":
-            raise EdgeExportError(f"{model}: Core ML cannot run on Linux; evaluate the model name (PyTorch, with "
-                                  "--weights) or its ONNX export")
+            raise EdgeExportError(f"{model}: evaluate reads ONNX files and model names; evaluate the model name "
+                                  "(PyTorch, with --weights) or its ONNX export, or run the package with "
+                                  "'edgevit-export run' / 'edgevit-export check'")
         raise EdgeExportError(f"{model}: Core ML packages cannot be re-quantized here; pass the model name with "
                               "--format coreml (and --weights) to compress its weights")
     if model.endswith(".onnx") or p.is_file():

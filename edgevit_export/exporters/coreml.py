@@ -44,7 +44,7 @@ from .check import Gate
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PRECISIONS = ("fp16", "fp32")
 FP32_TOLERANCE = 1e-4
-FP16_TOLERANCE = 2e-2       # max error relative to the output's scale, fp16 emulated
+FP16_TOLERANCE = 2e-2       # max error relative to the output's scale, fp16 package in the runner
 FP16_MIN_COSINE = 0.999
 IMAGE_INPUT = "image"
 TENSOR_INPUT = "images"
