@@ -1,5 +1,5 @@
 """Core ML: the rewritten ExportedProgram → an ML Program ``.mlpackage`` for Xcode, run here by
-the reference runner (``coreml_runner.py``: the saved program, op by op, with torch kernels).
+the reference runner (``coreml_runner/``: the saved program, op by op, with torch kernels).
 
 Input: by default an RGB image (0–255, what a CVPixelBuffer holds) with ImageNet normalisation
 done exactly inside the graph by the ``normalize_input`` pass (Core ML's ImageType has a single
