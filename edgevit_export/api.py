@@ -48,7 +48,7 @@ def _tool_versions() -> dict:
     import importlib.metadata as md
 
     out = {"edgevit_export": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "onnx", "onnxruntime", "onnxsim", "coremltools"):
+    for pkg in ("torch", "onnx", "onnxruntime", "onnxsim", "coremltools", "executorch"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -547,6 +547,7 @@ class InspectReport:
     after: dict
     findings_before: list[Finding]
     findings_after: list[Finding]
+    runtime: dict | None = None      # the format's own partition report: {"title", "before", "after"}
 
 
 def _findings(gm, fmt: str) -> list[Finding]:
@@ -584,7 +585,9 @@ def inspect(name: str, *, res=None, format: str = "onnx", passes: str | None = "
 
     from . import exporters
 
-    exporters.get(format)
+    backend = exporters.get(format).backend()
+    if hasattr(backend, "validate_options"):
+        backend.validate_options()          # a missing extra is one line, before any work
     names = resolve_passes(passes, format)
     info_, hw, model, _ = prepare_model(name, res, weights, None)
     example = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
@@ -596,5 +599,12 @@ def inspect(name: str, *, res=None, format: str = "onnx", passes: str | None = "
     pipe = run_passes(ep, names, ctx, progress=progress)
     gm1 = pipe.program.module()
     annotate(gm1, (pipe.example_input,))
+    runtime = None
+    if hasattr(backend, "report"):   # how the runtime partitions the program, before and after the passes
+        emit(progress, "partition before the passes")
+        before = backend.report(ep, example)
+        emit(progress, "partition after the passes")
+        after = backend.report(pipe.program, pipe.example_input)
+        runtime = {"title": before["title"], "before": before, "after": after}
     return InspectReport(name, format, hw, names, graph_stats(gm0).as_dict(), graph_stats(gm1).as_dict(),
-                         _findings(gm0, format), _findings(gm1, format))
+                         _findings(gm0, format), _findings(gm1, format), runtime)

@@ -126,7 +126,7 @@ def info(
 @handle_errors
 def export(
     model: str = typer.Argument(..., help="Model name (see 'edgevit-export list')."),
-    format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml"),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml | pte"),
     res: Optional[str] = typer.Option(None, "--res", help="Input size: N or HxW (default: the model's)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (.pth/.pt or .safetensors), official or timm layout."),
     out: Path = typer.Option(Path("exports"), "--out", help="Output directory."),
@@ -242,7 +242,7 @@ def passes_cmd():
 def inspect_cmd(
     model: str = typer.Argument(..., help="Model name (see 'edgevit-export list')."),
     res: Optional[str] = typer.Option(None, "--res", help="Input size: N or HxW (default: the model's)."),
-    format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml (which default pipeline)."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml | pte (which default pipeline; onnx and pte also show how the runtime partitions the graph)."),
     passes: str = typer.Option("default", help="default | none | name,name,…"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
@@ -271,6 +271,14 @@ def inspect_cmd(
         where = ", ".join(fa.examples or fb.examples)
         t.add_row(fb.what, str(fb.count), f"[{style}]{fa.count}[/]" if style else str(fa.count), where, fb.source)
     console.print(t)
+    if r.runtime:
+        rt = Table(title=f"{r.runtime['title']}: before → after the passes")
+        rt.add_column("")
+        rt.add_column("before", justify="right", overflow="fold")
+        rt.add_column("after", justify="right", overflow="fold")
+        for label, before in r.runtime["before"]["rows"].items():
+            rt.add_row(label, str(before), str(r.runtime["after"]["rows"].get(label, "")))
+        console.print(rt)
 
 
 @app.command("run")

@@ -21,8 +21,33 @@ def test_inspect_litv2_reports_rank6_fixed(cli):
 def test_inspect_table_and_bad_input(cli):
     res = cli("inspect", "shvit_s1", "--res", "64")
     assert res.exit_code == 0 and "reshape/view ops" in res.output and "Apple" in res.output
+    # ORT Mobile: onnxruntime's usability checker partitions the ONNX for the phone EPs
+    assert "ORT Mobile partitions" in res.output and "NNAPI EP partitions" in res.output
     assert cli("inspect", "shvit_s1", "--format", "tflite").exit_code == 2
     assert cli("inspect", "shvit_s1", "--res", "30").exit_code == 2
+
+
+def test_inspect_onnx_reports_ort_mobile_partitions(cli):
+    res = cli("inspect", "shvit_s1", "--res", "64", "--json")
+    assert res.exit_code == 0, res.output
+    rt = json.loads(res.output)["runtime"]
+    before, after = rt["before"]["detail"], rt["after"]["detail"]
+    # the head's BatchNorm1d is a 2-D BatchNormalization the ML Program EP lacks, until fold_batchnorm
+    assert before["coreml_mlprogram"]["unsupported_ops"] == {"BatchNormalization": 1}
+    assert before["coreml_mlprogram"]["partitions"] == 2 and after["coreml_mlprogram"]["partitions"] == 1
+    # GroupNorm exports as InstanceNormalization, which NNAPI lacks: one cut per norm
+    assert after["nnapi"]["unsupported_ops"].get("InstanceNormalization") == 9
+    assert after["nnapi"]["partitions"] > 1
+
+
+def test_inspect_pte_shows_delegation_before_and_after(cli):
+    pytest.importorskip("executorch")
+    res = cli("inspect", "mobilenetv3_small_100", "--res", "64", "--format", "pte", "--json")
+    assert res.exit_code == 0, res.output
+    rt = json.loads(res.output)["runtime"]
+    before, after = rt["before"]["detail"], rt["after"]["detail"]
+    assert before["portable_by_op"].get("_to_dim_order_copy", 0) > 0          # hardsigmoid's integer constants
+    assert after["nodes_portable"] == 0 and after["delegate_subgraphs"] == 1
 
 
 def _every():

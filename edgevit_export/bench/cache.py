@@ -28,23 +28,27 @@ def _passes_tag(passes: str) -> str:
     return tag
 
 
-def cache_path(cache_dir: Path, name: str, hw: tuple[int, int], batch: int, passes: str) -> Path:
+def cache_path(cache_dir: Path, name: str, hw: tuple[int, int], batch: int, passes: str,
+               format: str = "onnx") -> Path:
     from .. import __version__
+    from ..exporters import get
     from ..exporters.artifacts import res_tag
 
-    return cache_dir / name / f"{name}-{res_tag(hw)}-b{batch}-{_passes_tag(passes)}-v{__version__}.onnx"
+    return cache_dir / name / f"{name}-{res_tag(hw)}-b{batch}-{_passes_tag(passes)}-v{__version__}{get(format).suffix}"
 
 
 def cached_export(name: str, hw: tuple[int, int], *, batch: int, passes: str, cache_dir: Path,
-                  progress: Callback | None = None) -> tuple[Path, dict, bool]:
+                  progress: Callback | None = None, format: str = "onnx") -> tuple[Path, dict, bool]:
     """The exported file for (model, res, batch, passes, version): re-used when its manifest's
     sha256 matches, otherwise exported through ``api.export``. Returns (path, manifest, reused)."""
     from .. import api
 
-    path = cache_path(cache_dir, name, hw, batch, passes)
-    manifest = sibling_manifest(path) if path.is_file() else None
+    from ..exporters import get
+
+    path = cache_path(cache_dir, name, hw, batch, passes, format)
+    manifest = sibling_manifest(path, get(format).manifest_path(path)) if path.is_file() else None
     if manifest is not None:
         return path, manifest, True
-    r = api.export(name, format="onnx", res=hw, output=path, check=False, force=True, batch=batch,
+    r = api.export(name, format=format, res=hw, output=path, check=False, force=True, batch=batch,
                    passes=passes, progress=progress)
     return r.artifact, r.manifest, False

@@ -24,7 +24,7 @@ def render_bench(console, result) -> None:
     p = result.protocol
     stat = headline_label(result)
     short = "median" if stat == "median" else "mean"
-    rt = "onnxruntime" if result.runtime == "ort" else "eager PyTorch"
+    rt = {"ort": "onnxruntime", "executorch": "ExecuTorch (XNNPACK)"}.get(result.runtime, "eager PyTorch")
     explain = "" if short == "median" else "mean = mean of the trimmed round means · runs = rounds × kept per round · "
     t = Table(title=f"bench · protocol {p.name} · {rt} · batch {p.batch} · {result.threads} thread(s)",
               caption=f"{explain}spread = {SPREAD} of the kept runs · MACs per image · "
@@ -73,7 +73,7 @@ def render_bench(console, result) -> None:
         console.print(f"[yellow]overridden: {', '.join(overrides)}[/]", highlight=False)
     for d in p.differs:
         console.print(f"[dim]differs from the paper: {d}[/]", highlight=False)
-    if result.runtime == "ort" and result.cache_dir:
+    if result.runtime in ("ort", "executorch") and result.cache_dir:
         console.print(f"[dim]exports cached in {result.cache_dir}[/]", highlight=False)
     for tm in result.timings:
         for n in tm.notes:
@@ -154,7 +154,7 @@ def register(app, console, handle_errors) -> None:
         res: Optional[str] = typer.Option(None, "--res", help="Comma-separated resolutions, N or HxW "
                                           "(default: each model's own). Static .onnx files keep theirs."),
         protocol: str = typer.Option("iphone12", "--protocol", "-p", help="iphone12 | modelbench | shvit-cpu"),
-        runtime: str = typer.Option("ort", "--runtime", help="ort (the exported ONNX file) | torch (eager PyTorch)."),
+        runtime: str = typer.Option("ort", "--runtime", help="ort (the exported ONNX file in onnxruntime) | executorch (the exported .pte, XNNPACK) | torch (eager PyTorch)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the protocol's)."),
         runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs (per round for modelbench; "
                                            "default: the protocol's)."),

@@ -84,11 +84,11 @@ def onnx_graph_macs(path: Path) -> int | None:
     return total or None
 
 
-def sibling_manifest(path: Path) -> dict | None:
+def sibling_manifest(path: Path, manifest_path: Path | None = None) -> dict | None:
     """The manifest 'edgevit-export export' writes beside a file, if it belongs to this very file."""
     from ..exporters.artifacts import sha256
 
-    mp = path.with_suffix(".json")
+    mp = manifest_path or path.with_suffix(".json")
     try:
         manifest = json.loads(mp.read_text())
         if manifest.get("sha256") == sha256(path):

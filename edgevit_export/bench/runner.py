@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import EdgeExportError, OutputError
 from ..progress import Callback, emit, prefixed
 from .cache import cached_export, default_cache_dir
@@ -22,7 +24,7 @@ from .protocols import Protocol, get_protocol
 from .results import SPREAD, BenchResult, Timing, timing_of
 from .timing import Measurement, make_input, ort_runner, time_callable, time_torch
 
-RUNTIMES = ("ort", "torch")
+RUNTIMES = ("ort", "torch", "executorch")
 
 
 def run_bench(models: str | list[str], res: str | int | list | None = None, *, protocol: str = "iphone12",
@@ -50,11 +52,20 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
         raise EdgeExportError(f"--threads must be at least 1, got {threads}")
     if max_seconds is not None and max_seconds <= 0:
         raise EdgeExportError(f"--max-seconds must be positive, got {max_seconds:g}")
-    resolve_passes(passes, "onnx")
+    fmt = "pte" if runtime == "executorch" else "onnx"
+    if runtime == "executorch":
+        from ..exporters import pte
+
+        pte.validate_options()          # ExecuTorch missing: one line with the install command
+    resolve_passes(passes, fmt)
     n_threads = threads or proto.threads
-    todo = plan(parse_models(models), parse_res_list(res), proto.batch, runtime)
+    specs = parse_models(models)
+    if runtime == "executorch" and any(s.is_file for s in specs):
+        raise EdgeExportError("--runtime executorch times models by name (exported to .pte through the cache); "
+                              "pass model names, or time .onnx files with --runtime ort")
+    todo = plan(specs, parse_res_list(res), proto.batch, runtime)
     cdir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    if runtime == "ort" and any(not p.spec.is_file for p in todo):
+    if runtime in ("ort", "executorch") and any(not p.spec.is_file for p in todo):
         from ..exporters.artifacts import prepare_out_dir
 
         try:
@@ -62,7 +73,8 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
         except OutputError as e:
             raise OutputError(f"cache directory: {e}; pass a writable --cache-dir or set EDGEVIT_EXPORT_CACHE") from None
 
-    env = collect(n_threads, graph_optimization="all" if runtime == "ort" else "n/a (eager PyTorch)",
+    env = collect(n_threads, graph_optimization={"ort": "all", "torch": "n/a (eager PyTorch)",
+                                                 "executorch": "XNNPACK delegate (ahead of time)"}[runtime],
                   execution_mode="sequential")
     if runtime == "torch":
         env.inter_op_threads = _torch_interop()
@@ -72,11 +84,13 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
         step = prefixed(progress, f"{p.item}: ")
         if runtime == "torch":
             timings.append(_bench_torch(p, proto, common, runs, max_seconds, step))
+        elif runtime == "executorch":
+            timings.append(_bench_pte(p, proto, common, runs, max_seconds, step, passes, cdir))
         else:
             timings.append(_bench_ort(p, proto, common, runs, max_seconds, step, passes, cdir))
     result_notes = [f"spread is {SPREAD} of the kept runs"] + [f"differs from the paper: {d}" for d in proto.differs]
     return BenchResult(protocol=proto, runtime=runtime, threads=n_threads, runs=runs or proto.runs, passes=passes,
-                       env=env, timings=timings, cache_dir=str(cdir) if runtime == "ort" else None,
+                       env=env, timings=timings, cache_dir=str(cdir) if runtime != "torch" else None,
                        seconds=time.perf_counter() - t_start, max_seconds=max_seconds, notes=result_notes)
 
 
@@ -108,6 +122,34 @@ def _bench_ort(p: Plan, proto: Protocol, common: dict, runs, max_seconds, step: 
                       progress=step)
     return timing_of(m, source=source, path=str(path), macs=macs, macs_source=macs_source, cached=cached,
                      notes=list(p.notes) + _budget_note(m, max_seconds), **common)
+
+
+def _bench_pte(p: Plan, proto: Protocol, common: dict, runs, max_seconds, step: Callback | None, passes: str,
+               cache_dir: Path) -> Timing:
+    """The model's cached ``.pte`` export in ExecuTorch's runtime (XNNPACK delegate, the protocol's
+    threads); a fresh program load per round where the protocol asks for a fresh session."""
+    import torch
+
+    from ..exporters.pte import PteRunner
+
+    emit(step, "checking the export cache")
+    path, manifest, cached = cached_export(p.spec.name, p.hw, batch=proto.batch, passes=passes, cache_dir=cache_dir,
+                                           progress=prefixed(step, "export: "), format="pte")
+    shape = tuple(PteRunner(path, common["threads"]).inputs[0]["shape"])
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+
+    def make():
+        method = PteRunner(path, common["threads"]).method
+        return lambda: method.execute([x])
+
+    m = time_callable(make, proto, runs=runs, max_seconds=max_seconds, progress=step)
+    d = (manifest.get("backend") or {}).get("delegation") or {}
+    notes = list(p.notes) + _budget_note(m, max_seconds)
+    if d:
+        notes.append(f"{d['delegate_subgraphs']} XNNPACK delegate subgraph(s), {d['nodes_portable']} node(s) on "
+                     f"portable kernels, {100 * d['mac_share_delegated']:.1f}% of MACs delegated")
+    return timing_of(m, source="export", path=str(path), macs=int(manifest["macs"]) if manifest.get("macs") else None,
+                     macs_source="manifest" if manifest.get("macs") else "", cached=cached, notes=notes, **common)
 
 
 def _bench_torch(p: Plan, proto: Protocol, common: dict, runs, max_seconds, step: Callback | None) -> Timing:

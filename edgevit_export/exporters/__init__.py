@@ -52,6 +52,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("coreml", "edgevit_export.exporters.coreml", ".mlpackage", ".coreml", "Core ML",
            ("static_shapes", "fold_batchnorm", "rank_le5", "cancel_reshapes", "linear_to_conv", "normalize_input"),
            max_rank=5),
+    Format("pte", "edgevit_export.exporters.pte", ".pte", ".pte", "ExecuTorch",
+           ("static_shapes", "fold_constants", "fold_batchnorm", "rank_le5", "cancel_reshapes", "split_to_slices",
+            "matmul_to_bmm", "decompose_norms", "mean_as_gemm", "float_scalars",
+            "views_as_reshape")),
 )}
 
 

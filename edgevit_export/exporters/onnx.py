@@ -155,3 +155,22 @@ def structure(facts: dict, options: dict) -> dict:
 
 def gate(options: dict, trained: bool) -> Gate:
     return Gate(TOLERANCE)
+
+
+def report(program: torch.export.ExportedProgram, example: torch.Tensor) -> dict:
+    """For ``inspect --format onnx``: how ORT Mobile's usability checker partitions the ONNX of
+    ``program`` for the CoreML (ML Program) and NNAPI execution providers."""
+    import tempfile
+
+    from ..ort_mobile import partitions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        convert(program, example, path, {"opset": 18})
+        eps = partitions(path)
+    rows = {}
+    for key, title in (("coreml_mlprogram", "CoreML EP (ML Program)"), ("nnapi", "NNAPI EP")):
+        ep = eps[key]
+        rows[f"{title} partitions"] = ep["partitions"]
+        rows[f"{title} unsupported ops"] = ", ".join(f"{k} {v}" for k, v in ep["unsupported_ops"].items()) or "none"
+    return {"title": "ORT Mobile partitions (onnxruntime's usability checker)", "rows": rows, "detail": eps}

@@ -178,6 +178,14 @@ def constant_value(gm: fx.GraphModule, n, depth: int = 0) -> torch.Tensor | None
     return None
 
 
+def replace_node(old: fx.Node, new: fx.Node) -> None:
+    """Rewire every use of ``old`` to ``new`` (which takes over its shape, so later rewrites in
+    the same pass can read it) and drop ``old``."""
+    new.meta["val"] = old.meta.get("val")
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)
+
+
 def finish(gm: fx.GraphModule) -> None:
     """Drop dead nodes and unused weights, lint and regenerate code."""
     gm.graph.eliminate_dead_code()

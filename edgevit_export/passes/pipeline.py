@@ -17,11 +17,18 @@ from ..errors import EdgeExportError
 from ..progress import Callback, emit
 from .base import GraphStats, Pass, PassContext, PassRefused, annotate, finish, graph_stats, rel_err
 from .cancel_reshapes import CancelReshapes
+from .decompose_norms import DecomposeNorms
 from .fold_batchnorm import FoldBatchNorm
+from .float_scalars import FloatScalars
+from .fold_constants import FoldConstants
 from .linear_to_conv import LinearToConv
+from .matmul_to_bmm import MatmulToBmm
+from .mean_as_gemm import MeanAsGemm
 from .normalize_input import NormalizeInput
 from .rank_le5 import RankLe5
+from .split_to_slices import SplitToSlices
 from .static_shapes import StaticShapes
+from .views_as_reshape import ViewsAsReshape
 
 EXACT_TOL = 1e-5     # a rewrite must keep the output this close (relative) …
 NOISE_FACTOR = 10    # … or within 10× of what a few fp32 roundings of the input move this network
@@ -38,7 +45,9 @@ def rounding_noise(gm, example: torch.Tensor, out) -> float:
     return max(rel_err(o, r) for o, r in zip(_flat(annotate(gm, (noisy,))), _flat(out)))
 
 PASSES: dict[str, Pass] = {p.name: p for p in (
-    StaticShapes(), FoldBatchNorm(), RankLe5(), CancelReshapes(), LinearToConv(), NormalizeInput())}
+    StaticShapes(), FoldConstants(), FoldBatchNorm(), RankLe5(), CancelReshapes(), LinearToConv(), NormalizeInput(),
+    SplitToSlices(), MatmulToBmm(), DecomposeNorms(), MeanAsGemm(), FloatScalars(),
+    ViewsAsReshape())}
 
 
 
