@@ -183,6 +183,7 @@ def test_one_resolution_plots_a_ranking(tmp_path, monkeypatch):
     (("shvit_s9",), "unknown model 'shvit_s9'"),
     (("shvit_s1", "--runtime", "tflite"), "unknown runtime"),
     (("shvit_s1", "--runtime", "coreml"), "not to time them"),
+    (("shvit_s1", "--runtime", "ort,tflite"), "unknown runtime 'tflite'"),
     (("shvit_s1", "--plot", "latency.jpg"), "must end in .png"),
 ])
 def test_bad_input_one_line_exit_2(cli, tmp_path, args, message):
@@ -191,6 +192,31 @@ def test_bad_input_one_line_exit_2(cli, tmp_path, args, message):
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
     assert not (tmp_path / "c").exists()  # rejected before any export
+
+
+def test_bench_ort_and_executorch_side_by_side(cli, s1_64, cache, tmp_path):
+    pytest.importorskip("executorch")
+    res = cli("bench", "shvit_s1", "--res", "64", "--runtime", "ort,executorch", "--runs", "20", "--cache-dir", cache,
+              "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png")
+    assert res.exit_code == 0, res.output
+    assert "onnxruntime vs ExecuTorch" in res.output and "× ort" in res.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["runtime"] == "ort,executorch"
+    ort, et = data["results"]
+    assert (ort["runtime"], et["runtime"]) == ("ort", "executorch") and ort["path"] == str(s1_64)
+    assert et["path"].endswith(".pte") and et["runs"] == 20 and et["p10_ms"] <= et["median_ms"] <= et["p90_ms"]
+    assert any("1 XNNPACK delegate subgraph" in n for n in et["notes"])
+    assert cli("bench", s1_64, "--runtime", "executorch").exit_code == 2   # .pte by name only
+
+    # the same cached .pte, profiled through ExecuTorch's ETDump: XNNPACK's own operators
+    res = cli("profile", "shvit_s1", "--res", "64", "--runtime", "executorch", "--runs", "5", "--cache-dir", cache,
+              "--json", tmp_path / "p.json")
+    assert res.exit_code == 0, res.output
+    [prof] = json.loads((tmp_path / "p.json").read_text())["profiles"]
+    assert prof["runtime"] == "executorch" and prof["path"] == et["path"]
+    kinds = {o["op_type"] for o in prof["ops"]}
+    assert any(k.startswith("Convolution (NHWC, F32)") for k in kinds), kinds
+    assert prof["compute_share"] > 0.3 and prof["other_ms"] == 0
 
 
 def test_not_an_onnx_model_exit_2(cli, tmp_path, s1_64):

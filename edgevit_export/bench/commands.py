@@ -24,7 +24,10 @@ def render_bench(console, result) -> None:
     p = result.protocol
     stat = headline_label(result)
     short = "median" if stat == "median" else "mean"
-    rt = {"ort": "onnxruntime", "executorch": "ExecuTorch (XNNPACK)"}.get(result.runtime, "eager PyTorch")
+    names = {"ort": "onnxruntime", "executorch": "ExecuTorch (XNNPACK)", "torch": "eager PyTorch"}
+    runtimes = result.runtime.split(",")
+    several = len(runtimes) > 1
+    rt = " vs ".join(names.get(r, r) for r in runtimes)
     explain = "" if short == "median" else "mean = mean of the trimmed round means · runs = rounds × kept per round · "
     t = Table(title=f"bench · protocol {p.name} · {rt} · batch {p.batch} · {result.threads} thread(s)",
               caption=f"{explain}spread = {SPREAD} of the kept runs · MACs per image · "
@@ -39,23 +42,31 @@ def render_bench(console, result) -> None:
         flags_by.append(" ".join(flags))
     t.add_column("model", no_wrap=True)
     t.add_column("res", justify="right", no_wrap=True)
+    if several:
+        t.add_column("runtime", no_wrap=True)
     if p.headline == "img/s":
         t.add_column("img/s", justify="right")
     for name in (f"{short} ms", "spread ms", "±%", "runs", "GMACs", "GFLOP/s"):
         t.add_column(name, justify="right")
+    if several:
+        t.add_column(f"× {runtimes[0]}", justify="right")
     if any(flags_by):
         t.add_column("note")
+    first = {(tm.model, tm.res): tm for tm in result.timings if tm.runtime == runtimes[0]}
     for tm, flags in zip(result.timings, flags_by):
-        row = [tm.model, fmt_res(tm.res)]
+        row = [tm.model, fmt_res(tm.res)] + ([tm.runtime] if several else [])
         if p.headline == "img/s":
             row.append(f"{tm.images_per_s:,.1f}")
         row += [_ms(tm.headline_ms), _ms(tm.spread_ms), f"{100 * tm.spread_ms / tm.headline_ms:.0f}",
                 f"{tm.rounds}×{tm.runs // tm.rounds}" if tm.rounds > 1 else f"{tm.runs:,}",
                 "—" if tm.macs is None else f"{tm.macs_per_image / 1e9:.3g}",
                 "—" if tm.gflops is None else f"{tm.gflops:.1f}"]
+        if several:
+            base = first.get((tm.model, tm.res))
+            row.append("" if base is None or base is tm else f"{tm.headline_ms / base.headline_ms:.2f}")
         if any(flags_by):
             row.append(flags)
-        t.add_row(*row)
+        t.add_row(*row, end_section=several and tm.runtime == runtimes[-1])
     console.print(t)
     env = result.env
     console.print(f"[dim]environment: {env.one_line()}[/]", highlight=False)
@@ -73,13 +84,14 @@ def render_bench(console, result) -> None:
         console.print(f"[yellow]overridden: {', '.join(overrides)}[/]", highlight=False)
     for d in p.differs:
         console.print(f"[dim]differs from the paper: {d}[/]", highlight=False)
-    if result.runtime in ("ort", "executorch") and result.cache_dir:
+    if result.cache_dir:
         console.print(f"[dim]exports cached in {result.cache_dir}[/]", highlight=False)
     for tm in result.timings:
         for n in tm.notes:
-            if result.runtime == "torch" and n.startswith("eager"):
+            if tm.runtime == "torch" and n.startswith("eager"):
                 continue
-            console.print(f"[yellow]{tm.model}@{fmt_res(tm.res)}: {n}[/]", highlight=False)
+            console.print(f"[yellow]{tm.model}@{fmt_res(tm.res)}{f' ({tm.runtime})' if several else ''}: {n}[/]",
+                          highlight=False)
 
 
 def _share(v: float) -> str:
@@ -91,7 +103,9 @@ def render_profiles(console, profiles, top: int) -> None:
 
     first = profiles[0]
     head = f"{first.model} at {first.res[0]}×{first.res[1]} · {first.threads} thread(s) · {first.runs} profiled runs"
-    console.print(f"[bold]profile[/] {head} · onnxruntime op types after its graph optimisations", highlight=False)
+    what = ("ExecuTorch ETDump events: XNNPACK operators inside the delegate, portable kernels outside"
+            if first.runtime == "executorch" else "onnxruntime op types after its graph optimisations")
+    console.print(f"[bold]profile[/] {head} · {what}", highlight=False)
     labels = [f"passes {p.passes}" for p in profiles]
 
     split = Table(title="memory-bound vs compute-bound (share of kernel time)")
@@ -154,7 +168,7 @@ def register(app, console, handle_errors) -> None:
         res: Optional[str] = typer.Option(None, "--res", help="Comma-separated resolutions, N or HxW "
                                           "(default: each model's own). Static .onnx files keep theirs."),
         protocol: str = typer.Option("iphone12", "--protocol", "-p", help="iphone12 | modelbench | shvit-cpu"),
-        runtime: str = typer.Option("ort", "--runtime", help="ort (the exported ONNX file in onnxruntime) | executorch (the exported .pte, XNNPACK) | torch (eager PyTorch)."),
+        runtime: str = typer.Option("ort", "--runtime", help="ort (the exported ONNX file in onnxruntime) | executorch (the exported .pte, XNNPACK) | torch (eager PyTorch); several, comma-separated (ort,executorch), give one table side by side."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the protocol's)."),
         runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs (per round for modelbench; "
                                            "default: the protocol's)."),
@@ -197,8 +211,10 @@ def register(app, console, handle_errors) -> None:
         top: int = typer.Option(15, "--top", help="How many of the slowest nodes to list."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the aggregated profile as JSON."),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where exports are cached."),
+        runtime: str = typer.Option("ort", "--runtime", help="ort (onnxruntime's profiler) | executorch (ETDump + "
+                                    "Inspector: every XNNPACK operator and portable kernel)."),
     ):
-        """onnxruntime's profiler per op type and node: time shares, memory-bound vs compute-bound."""
+        """Per-op profile (onnxruntime's profiler, or ExecuTorch's ETDump): time shares, memory- vs compute-bound."""
         from ..errors import EdgeExportError
         from .profile import run_profile
         from .report import check_output, write_atomic
@@ -208,7 +224,7 @@ def register(app, console, handle_errors) -> None:
         json_p = check_output(json_out, ".json", "--json")
         with Bars(console, transient=True, eta=True) as bars:
             profiles = run_profile(model, res, passes=passes, compare=compare, threads=threads, runs=runs,
-                                   cache_dir=cache_dir, progress=bars)
+                                   cache_dir=cache_dir, runtime=runtime, progress=bars)
         render_profiles(console, profiles, top)
         if json_p is not None:
             data = {"profiles": [p.as_dict() for p in profiles]}

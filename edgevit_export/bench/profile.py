@@ -105,6 +105,7 @@ class Profile:
     nodes: list[NodeStat]      # all nodes, slowest first
     node_count: int
     notes: list[str] = field(default_factory=list)
+    runtime: str = "ort"
 
     def share(self, ms: float) -> float:
         return ms / self.kernel_ms if self.kernel_ms else 0.0
@@ -227,6 +228,103 @@ def profile_onnx(path: Path, *, model: str | None = None, res: tuple[int, int] |
                    node_count=len(nodes), notes=notes)
 
 
+# XNNPACK's operator names (ETDump events inside the delegate) → profile classes. XNNPACK names
+# an op "<Kind> (<layout>, <dtype>) <microkernel>"; the kind decides.
+_XNN_GROUPS = (
+    ("conv / matmul / gemm", COMPUTE, ("Convolution", "Deconvolution", "Fully Connected", "Batch Matrix Multiply")),
+    ("reshape / layout / copy", MEMORY, ("Transpose", "Copy", "Static Reshape", "Concatenate", "Slice",
+                                         "Constant Pad", "Static Slice", "Convert", "Resize", "Even Split")),
+    ("softmax", MEMORY, ("Softmax",)),
+    ("pooling / reduction", MEMORY, ("Mean", "Sum", "Average Pooling", "Max Pooling", "Global Average Pooling",
+                                     "Max (ND)")),
+    ("elementwise / activation", MEMORY, ("Add", "Subtract", "Multiply", "Divide", "GELU", "Sigmoid", "HardSwish",
+                                          "Clamp", "Square Root", "Reciprocal Square Root", "Exp", "Tanh",
+                                          "Negate", "Square", "Abs", "Leaky ReLU", "ELU", "Minimum", "Maximum",
+                                          "Log", "Sine", "Cosine", "Floor", "Ceiling")),
+)
+
+
+def classify_xnnpack(event: str) -> tuple[str, str]:
+    """(class, group) of an ExecuTorch profile event: an XNNPACK operator, or a portable kernel."""
+    for group, cls, kinds in _XNN_GROUPS:
+        if any(event.startswith(k) for k in kinds):
+            return cls, group
+    op = event.split("::")[-1].split(".")[0]
+    if op in ("convolution", "addmm", "mm", "bmm", "linear"):
+        return COMPUTE, "conv / matmul / gemm"
+    if op in ("grid_sampler_2d", "native_layer_norm", "native_group_norm", "expand_copy", "select_copy",
+              "split_with_sizes_copy", "squeeze_copy", "_to_dim_order_copy", "index", "arange", "repeat"):
+        return MEMORY, "normalisation" if "norm" in op else "reshape / layout / copy"
+    return OTHER, "other"
+
+
+def profile_pte(path: Path, *, model: str | None = None, passes: str = "", threads: int = 2, runs: int = 50,
+                warmup: int = 5, progress: Callback | None = None) -> Profile:
+    """Profile one ``.pte`` through ExecuTorch's devtools: ETDump events (each XNNPACK operator inside
+    the delegate, each portable kernel outside it) over ``runs`` runs after ``warmup`` unprofiled
+    ones, aggregated by ``executorch.devtools.Inspector``; per event the median over the runs."""
+    import re
+
+    import torch
+
+    from ..exporters.pte import PteRunner, _quiet_native
+
+    if runs < 1:
+        raise EdgeExportError(f"--runs must be at least 1, got {runs}")
+    warm = PteRunner(Path(path), threads)
+    shape = warm.inputs[0]["shape"]
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    for i in range(warmup):
+        warm.method.execute([x])
+    from executorch.devtools import Inspector
+    from executorch.runtime import Runtime
+
+    with tempfile.TemporaryDirectory(prefix="edgevit-profile-") as tmp, _quiet_native():
+        program = Runtime.get().load_program(Path(path), enable_etdump=True, debug_buffer_size=0)
+        method = program.load_method("forward")
+        walls, last = [], 0.0
+        for i in range(runs):
+            t = time.perf_counter()
+            method.execute([x])
+            walls.append((time.perf_counter() - t) * 1e3)
+            if time.perf_counter() - last > 0.1 or i + 1 == runs:
+                last = time.perf_counter()
+                emit(progress, "profile (ETDump)", i + 1, runs)
+        etdump = os.path.join(tmp, "run.etdp")
+        program.write_etdump_result_to_file(etdump, os.path.join(tmp, "debug.bin"))
+        df = Inspector(etdump_path=etdump).to_dataframe()
+    nodes, ops = [], {}
+    for name, raw, delegated in zip(df["event_name"], df["raw"], df["is_delegated_op"]):
+        if name.startswith(("Method::", "Program::")) or name == "DELEGATE_CALL" or not len(raw):
+            continue
+        kind = re.sub(r" #\d+$", "", str(name))
+        ms = float(np.median(raw[-runs:]))
+        cls, group = classify_xnnpack(kind)
+        nodes.append(NodeStat(str(name), kind, cls, ms, 0.0, None, "DWConv" in kind))
+        o = ops.setdefault(kind, [cls, group, 0, 0.0])
+        o[2] += 1
+        o[3] += ms
+    total = sum(n.ms for n in nodes)
+    for n in nodes:
+        n.share = n.ms / total if total else 0.0
+    nodes.sort(key=lambda n: -n.ms)
+    op_stats = sorted((OpStat(k, c, g, n, ms, ms / total if total else 0.0) for k, (c, g, n, ms) in ops.items()),
+                      key=lambda o: -o.ms)
+    by = {"compute": 0.0, "memory": 0.0, "other": 0.0}
+    groups = {g: 0.0 for g in GROUP_ORDER}
+    for o in op_stats:
+        by["compute" if o.cls == COMPUTE else "memory" if o.cls == MEMORY else "other"] += o.ms
+        groups[o.group] += o.ms
+    unknown = sorted({o.op_type for o in op_stats if o.cls == OTHER})
+    notes = [f"not classified (counted as other): {', '.join(unknown)}"] if unknown else []
+    return Profile(model=model or Path(path).stem, res=(shape[2], shape[3]), passes=passes, threads=threads,
+                   runs=runs, path=str(path), run_ms=float(np.median(walls)), kernel_ms=total,
+                   compute_ms=by["compute"], memory_ms=by["memory"], other_ms=by["other"],
+                   depthwise_ms=sum(n.ms for n in nodes if n.depthwise),
+                   groups_ms={g: v for g, v in groups.items() if v > 0}, ops=op_stats, nodes=nodes,
+                   node_count=len(nodes), notes=notes, runtime="executorch")
+
+
 def parse_passes_variants(passes: str, compare: bool) -> list[str]:
     """``--passes none,default`` (only none/default items) or ``--compare`` → several variants;
     any other value is one pass spec (e.g. ``fold_batchnorm,static_shapes``)."""
@@ -242,7 +340,7 @@ def parse_passes_variants(passes: str, compare: bool) -> list[str]:
 
 def run_profile(model: str, res: str | int | None = None, *, passes: str = "default", compare: bool = False,
                 threads: int = 2, runs: int = 50, warmup: int = 5, cache_dir: str | Path | None = None,
-                progress: Callback | None = None) -> list[Profile]:
+                runtime: str = "ort", progress: Callback | None = None) -> list[Profile]:
     """Profile a model name (exported through the bench cache, per passes variant) or a file."""
     from ..exporters.artifacts import prepare_out_dir
     from ..passes import resolve_passes
@@ -251,13 +349,22 @@ def run_profile(model: str, res: str | int | None = None, *, passes: str = "defa
         raise EdgeExportError(f"--runs must be at least 1, got {runs}")
     if threads < 1:
         raise EdgeExportError(f"--threads must be at least 1, got {threads}")
+    if runtime not in ("ort", "executorch"):
+        raise EdgeExportError(f"unknown runtime '{runtime}' for profile; use ort or executorch")
+    fmt = "pte" if runtime == "executorch" else "onnx"
+    if runtime == "executorch":
+        from ..exporters import pte
+
+        pte.validate_options()
     specs = parse_models(model)
     if len(specs) != 1:
         raise EdgeExportError("profile takes one model (a name or an .onnx file)")
     spec: ModelSpec = specs[0]
+    if spec.is_file and runtime == "executorch":
+        raise EdgeExportError("profile --runtime executorch takes a model name (exported to .pte through the cache)")
     variants = parse_passes_variants(passes, compare)
     for v in variants:
-        resolve_passes(v, "onnx")
+        resolve_passes(v, fmt)
     p = plan([spec], [None if res is None else str(res)], 1, "ort")[0]
     if spec.is_file:
         if len(variants) > 1:
@@ -272,8 +379,12 @@ def run_profile(model: str, res: str | int | None = None, *, passes: str = "defa
         step = prefixed(progress, f"{p.item} passes={v}: ")
         emit(step, "checking the export cache")
         path, _manifest, _cached = cached_export(spec.name, p.hw, batch=1, passes=v, cache_dir=cdir,
-                                                 progress=prefixed(step, "export: "))
-        out.append(profile_onnx(path, model=spec.name, res=p.hw, passes=v, threads=threads, runs=runs,
-                                warmup=warmup, progress=step))
+                                                 progress=prefixed(step, "export: "), format=fmt)
+        if runtime == "executorch":
+            out.append(profile_pte(path, model=spec.name, passes=v, threads=threads, runs=runs, warmup=warmup,
+                                   progress=step))
+        else:
+            out.append(profile_onnx(path, model=spec.name, res=p.hw, passes=v, threads=threads, runs=runs,
+                                    warmup=warmup, progress=step))
     return out
 

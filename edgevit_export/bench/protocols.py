@@ -47,7 +47,7 @@ class Protocol:
 
 
 _COMMON_DIFFS = (
-    "onnxruntime CPU execution provider on this machine's CPU, not Core ML on the A14 (CPU/GPU/Neural Engine)",
+    "a CPU runtime (onnxruntime, ExecuTorch or PyTorch) on this machine's CPU, not Core ML on the A14 (CPU/GPU/Neural Engine)",
     "fp32 on the CPU; the Neural Engine computes in fp16",
 )
 

@@ -139,7 +139,7 @@ def plot_png(result: BenchResult) -> bytes:
         return _plot_ranking(result, plt)
     by_model: dict[str, list[Timing]] = {}
     for t in result.timings:
-        by_model.setdefault(t.model, []).append(t)
+        by_model.setdefault(_label(result, t), []).append(t)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [3, 2]})
     cmap = plt.get_cmap("tab10")
     all_res = sorted({t.res[0] * t.res[1] for t in result.timings})
@@ -186,7 +186,8 @@ def plot_png(result: BenchResult) -> bytes:
 def _png(fig, plt, result: BenchResult, sep: str) -> bytes:
     """Title the figure with protocol, runtime and machine, and render it."""
     env = result.env
-    rt = "onnxruntime " + str(env.onnxruntime) if result.runtime == "ort" else "PyTorch " + str(env.torch)
+    names = {"ort": f"onnxruntime {env.onnxruntime}", "torch": f"PyTorch {env.torch}", "executorch": "ExecuTorch (XNNPACK)"}
+    rt = " vs ".join(names.get(r, r) for r in result.runtime.split(","))
     fig.suptitle(f"edgevit-export bench · protocol {result.protocol.name} · {rt} · {result.threads} thread(s){sep}"
                  f"{env.cpu} · {env.date[:10]}", fontsize=11)
     fig.tight_layout()
@@ -194,6 +195,11 @@ def _png(fig, plt, result: BenchResult, sep: str) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _label(result: BenchResult, t: Timing) -> str:
+    """A model's name, with its runtime when the result holds several."""
+    return f"{t.model} · {t.runtime}" if "," in result.runtime else t.model
 
 
 def _family(name: str) -> str:
@@ -228,7 +234,7 @@ def _plot_ranking(result: BenchResult, plt) -> bytes:
     ax.barh(y, vals, xerr=[lo, hi], color=[color[_family(t.model)] for t in ts], alpha=0.85,
             error_kw={"lw": 1, "capsize": 2})
     ax.set_yticks(y)
-    ax.set_yticklabels([t.model for t in ts], fontsize=9)
+    ax.set_yticklabels([_label(result, t) for t in ts], fontsize=9)
     for yi, v in zip(y, vals):
         ax.annotate(f"{v:,.1f}", (v, yi), textcoords="offset points", xytext=(4, -3), fontsize=8)
     ax.set_xscale("log")
@@ -241,7 +247,7 @@ def _plot_ranking(result: BenchResult, plt) -> bytes:
         ax2.scatter([t.macs_per_image / 1e6 for t in sel], [t.headline_ms / t.batch for t in sel], color=color[f],
                     label=f, s=28)
         for t in sel:
-            ax2.annotate(t.model, (t.macs_per_image / 1e6, t.headline_ms / t.batch), textcoords="offset points",
+            ax2.annotate(_label(result, t), (t.macs_per_image / 1e6, t.headline_ms / t.batch), textcoords="offset points",
                          xytext=(4, 2), fontsize=7, color=color[f])
     ax2.set_xscale("log")
     ax2.set_yscale("log")

@@ -40,32 +40,38 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
 
     t_start = time.perf_counter()
     proto = get_protocol(protocol)
-    if runtime == "coreml":   # the reference runner checks packages; it says nothing about Core ML's speed
+    runtimes = [r.strip() for r in runtime.split(",") if r.strip()] if isinstance(runtime, str) else list(runtime)
+    if "coreml" in runtimes:   # the reference runner checks packages; it says nothing about Core ML's speed
         raise EdgeExportError("Core ML packages run here only in the reference runner, which executes them to "
                               "check their numbers, not to time them (there is no Core ML runtime on Linux); time "
-                              ".mlpackage files on a device (Xcode's Performance report), or use --runtime ort | torch")
-    if runtime not in RUNTIMES:
-        raise EdgeExportError(f"unknown runtime '{runtime}'; use one of: {', '.join(RUNTIMES)}")
+                              ".mlpackage files on a device (Xcode's Performance report), or use --runtime ort | "
+                              "executorch | torch")
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown or not runtimes:
+        raise EdgeExportError(f"unknown runtime '{unknown[0] if unknown else runtime}'; use one of: "
+                              f"{', '.join(RUNTIMES)} (or several, comma-separated: ort,executorch)")
+    runtimes = list(dict.fromkeys(runtimes))
     if runs is not None and runs < 1:
         raise EdgeExportError(f"--runs must be at least 1, got {runs}")
     if threads is not None and threads < 1:
         raise EdgeExportError(f"--threads must be at least 1, got {threads}")
     if max_seconds is not None and max_seconds <= 0:
         raise EdgeExportError(f"--max-seconds must be positive, got {max_seconds:g}")
-    fmt = "pte" if runtime == "executorch" else "onnx"
-    if runtime == "executorch":
+    if "executorch" in runtimes:
         from ..exporters import pte
 
         pte.validate_options()          # ExecuTorch missing: one line with the install command
-    resolve_passes(passes, fmt)
+    for r in runtimes:
+        resolve_passes(passes, "pte" if r == "executorch" else "onnx")
     n_threads = threads or proto.threads
     specs = parse_models(models)
-    if runtime == "executorch" and any(s.is_file for s in specs):
+    if "executorch" in runtimes and any(s.is_file for s in specs):
         raise EdgeExportError("--runtime executorch times models by name (exported to .pte through the cache); "
                               "pass model names, or time .onnx files with --runtime ort")
-    todo = plan(specs, parse_res_list(res), proto.batch, runtime)
+    todo = plan(specs, parse_res_list(res), proto.batch, "torch" if "torch" in runtimes else runtimes[0])
     cdir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    if runtime in ("ort", "executorch") and any(not p.spec.is_file for p in todo):
+    exported = [r for r in runtimes if r != "torch"]
+    if exported and any(not p.spec.is_file for p in todo):
         from ..exporters.artifacts import prepare_out_dir
 
         try:
@@ -73,24 +79,26 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
         except OutputError as e:
             raise OutputError(f"cache directory: {e}; pass a writable --cache-dir or set EDGEVIT_EXPORT_CACHE") from None
 
-    env = collect(n_threads, graph_optimization={"ort": "all", "torch": "n/a (eager PyTorch)",
-                                                 "executorch": "XNNPACK delegate (ahead of time)"}[runtime],
+    optimisation = {"ort": "all (onnxruntime)", "torch": "n/a (eager PyTorch)",
+                    "executorch": "XNNPACK delegate (ahead of time)"}
+    env = collect(n_threads, graph_optimization=", ".join(optimisation[r] for r in runtimes),
                   execution_mode="sequential")
-    if runtime == "torch":
+    if "torch" in runtimes:
         env.inter_op_threads = _torch_interop()
     timings: list[Timing] = []
-    for p in todo:
-        common = dict(model=p.spec.name, res=p.hw, batch=proto.batch, runtime=runtime, threads=n_threads)
-        step = prefixed(progress, f"{p.item}: ")
-        if runtime == "torch":
-            timings.append(_bench_torch(p, proto, common, runs, max_seconds, step))
-        elif runtime == "executorch":
-            timings.append(_bench_pte(p, proto, common, runs, max_seconds, step, passes, cdir))
-        else:
-            timings.append(_bench_ort(p, proto, common, runs, max_seconds, step, passes, cdir))
+    for p in todo:   # runtimes back to back per model × resolution: a slow spell of the VM hits them alike
+        for rt in runtimes:
+            common = dict(model=p.spec.name, res=p.hw, batch=proto.batch, runtime=rt, threads=n_threads)
+            step = prefixed(progress, f"{p.item}{f' {rt}' if len(runtimes) > 1 else ''}: ")
+            if rt == "torch":
+                timings.append(_bench_torch(p, proto, common, runs, max_seconds, step))
+            elif rt == "executorch":
+                timings.append(_bench_pte(p, proto, common, runs, max_seconds, step, passes, cdir))
+            else:
+                timings.append(_bench_ort(p, proto, common, runs, max_seconds, step, passes, cdir))
     result_notes = [f"spread is {SPREAD} of the kept runs"] + [f"differs from the paper: {d}" for d in proto.differs]
-    return BenchResult(protocol=proto, runtime=runtime, threads=n_threads, runs=runs or proto.runs, passes=passes,
-                       env=env, timings=timings, cache_dir=str(cdir) if runtime != "torch" else None,
+    return BenchResult(protocol=proto, runtime=",".join(runtimes), threads=n_threads, runs=runs or proto.runs,
+                       passes=passes, env=env, timings=timings, cache_dir=str(cdir) if exported else None,
                        seconds=time.perf_counter() - t_start, max_seconds=max_seconds, notes=result_notes)
 
 

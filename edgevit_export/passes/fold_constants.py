@@ -22,6 +22,12 @@ _NEVER = {aten.rand.default, aten.randn.default, aten.rand_like.default, aten.ra
 _ASSERTS = {aten._assert_tensor_metadata.default}
 
 
+def _keeps(n: fx.Node) -> bool:
+    """Ops never folded: random ones, and quantize/dequantize (an int8 weight's dequantize is the
+    quantization itself — folded, the weight would be float again)."""
+    return n.target in _NEVER or "quantize" in getattr(n.target, "__name__", str(n.target))
+
+
 def _attr(gm: fx.GraphModule, target: str):
     obj = gm
     for part in target.split("."):
@@ -40,7 +46,7 @@ class FoldConstants(Pass):
                 v = _attr(gm, str(n.target))
                 if isinstance(v, torch.Tensor):
                     values[n] = v.detach()
-            elif n.op == "call_function" and n.target not in _NEVER and n.target not in _ASSERTS:
+            elif n.op == "call_function" and not _keeps(n) and n.target not in _ASSERTS:
                 inputs = n.all_input_nodes
                 if any(a not in values for a in inputs):
                     continue
