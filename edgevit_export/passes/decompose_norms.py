@@ -6,7 +6,7 @@ transformer runs on ExecuTorch's portable kernels (8 ms against 0.25 ms for a 31
 measured here) and cuts the graph into another delegate. Rewritten, with each mean a product with
 a 1/L vector (:func:`mean_as_gemm.row_mean`) on a (rows, L) view:
 
-    mu = mean(x); d = x - mu; y = d * rsqrt(mean(d * d) + eps) [* weight + bias]
+    mu = mean(x); d = x - mu; y = d * (1 / sqrt(mean(d * d) + eps)) [* weight + bias]
 
 the two-pass variance PyTorch computes, every op one XNNPACK takes.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.fx as fx
 
 from .base import Pass, PassContext, add_constant, aten, constant_value, replace_node, shape
@@ -29,7 +30,7 @@ def _arg(n: fx.Node, i: int, name: str, default):
 
 class DecomposeNorms(Pass):
     name = "decompose_norms"
-    summary = "LayerNorm/GroupNorm as mean/sub/mul/rsqrt on a (rows, L) view (ops every mobile delegate takes)"
+    summary = "LayerNorm/GroupNorm as mean/sub/mul/sqrt/div on a (rows, L) view (ops every mobile delegate takes)"
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
         changed = 0
@@ -62,8 +63,10 @@ class DecomposeNorms(Pass):
                 d = g.call_function(aten.sub.Tensor, (x2, mu))
                 sq = g.call_function(aten.mul.Tensor, (d, d))
             var = row_mean(gm, n, sq, length, dtype)
-            with g.inserting_before(n):
-                inv = g.call_function(aten.rsqrt.default, (g.call_function(aten.add.Tensor, (var, float(eps))),))
+            one = add_constant(gm, n, torch.ones(1, dtype=dtype), "one")
+            with g.inserting_before(n):   # 1 / sqrt, not rsqrt: NNAPI has Div and Sqrt but no Reciprocal
+                std = g.call_function(aten.sqrt.default, (g.call_function(aten.add.Tensor, (var, float(eps))),))
+                inv = g.call_function(aten.div.Tensor, (one, std))
                 y = g.call_function(aten.mul.Tensor, (d, inv))
                 y = g.call_function(aten.reshape.default, (y, list(xs)))
             for c, op, hint in ((consts[0], aten.mul.Tensor, "norm_w"), (consts[1], aten.add.Tensor, "norm_b")):

@@ -16,6 +16,7 @@ import torch
 from ..errors import EdgeExportError
 from ..progress import Callback, emit
 from .base import GraphStats, Pass, PassContext, PassRefused, annotate, finish, graph_stats, rel_err
+from .batchnorm_as_affine import BatchNormAsAffine
 from .cancel_reshapes import CancelReshapes
 from .decompose_norms import DecomposeNorms
 from .fold_batchnorm import FoldBatchNorm
@@ -47,7 +48,7 @@ def rounding_noise(gm, example: torch.Tensor, out) -> float:
 PASSES: dict[str, Pass] = {p.name: p for p in (
     StaticShapes(), FoldConstants(), FoldBatchNorm(), RankLe5(), CancelReshapes(), LinearToConv(), NormalizeInput(),
     SplitToSlices(), MatmulToBmm(), DecomposeNorms(), MeanAsGemm(), FloatScalars(),
-    ViewsAsReshape())}
+    ViewsAsReshape(), BatchNormAsAffine())}
 
 
 
