@@ -27,6 +27,7 @@ def test_inspect_table_and_bad_input(cli):
     assert cli("inspect", "shvit_s1", "--res", "30").exit_code == 2
 
 
+@pytest.mark.slow   # the same checker numbers are asserted in test_ort_mobile; this adds plain → default
 def test_inspect_onnx_reports_ort_mobile_partitions(cli):
     res = cli("inspect", "shvit_s1", "--res", "64", "--json")
     assert res.exit_code == 0, res.output
@@ -40,6 +41,7 @@ def test_inspect_onnx_reports_ort_mobile_partitions(cli):
     assert after["nnapi"]["partitions"] > 1
 
 
+@pytest.mark.slow   # before/after delegation is asserted in test_pte on a small graph (two lowerings, not four)
 def test_inspect_pte_shows_delegation_before_and_after(cli):
     pytest.importorskip("executorch")
     res = cli("inspect", "mobilenetv3_small_100", "--res", "64", "--format", "pte", "--json")
