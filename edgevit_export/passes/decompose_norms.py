@@ -1,4 +1,4 @@
-"""decompose_norms: LayerNorm and GroupNorm written as means, a subtraction and an rsqrt.
+"""decompose_norms: LayerNorm and GroupNorm written as means, a subtraction, a sqrt and a division.
 
 XNNPACK has neither norm, NNAPI has neither (ONNX InstanceNormalization / LayerNormalization), and
 Core ML spells GroupNorm as six primitive ops anyway. Left as they are, every norm of a
