@@ -586,8 +586,7 @@ def inspect(name: str, *, res=None, format: str = "onnx", passes: str | None = "
     from . import exporters
 
     backend = exporters.get(format).backend()
-    if hasattr(backend, "validate_options"):
-        backend.validate_options()          # a missing extra is one line, before any work
+    backend.validate_options()              # a missing extra is one line, before any work
     names = resolve_passes(passes, format)
     info_, hw, model, _ = prepare_model(name, res, weights, None)
     example = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))

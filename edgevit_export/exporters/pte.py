@@ -114,48 +114,42 @@ def _macs(node) -> int:
     return int(out.numel() * a.shape[-1])
 
 
-def _count(graph, into_nodes: collections.Counter, skip=("getitem",)) -> int:
-    macs = 0
+def _tally(graph, nodes: collections.Counter, macs: collections.Counter) -> None:
+    """Count the compute nodes of ``graph`` by op (tuple unpacking and delegate calls are not
+    compute) and their multiply-accumulates by op."""
     for n in graph.nodes:
-        if n.op != "call_function" or _short(n.target) in skip or n.target is operator.getitem:
+        if n.op != "call_function" or n.target is operator.getitem:
             continue
-        if _short(n.target) == "executorch_call_delegate":
+        op = _short(n.target)
+        if op == "executorch_call_delegate":
             continue
-        into_nodes[_short(n.target)] += 1
-        macs += _macs(n)
-    return macs
+        nodes[op] += 1
+        if _macs(n):
+            macs[op] += _macs(n)
 
 
 def delegation(edge) -> dict:
     """What the XNNPACK partitioner took: delegate subgraphs, nodes by op type inside delegates and
     left on portable kernels, and the share of MACs inside delegates (from the lowered program)."""
     gm = edge.exported_program().graph_module
-    delegated: collections.Counter = collections.Counter()
-    portable: collections.Counter = collections.Counter()
-    macs_in = 0
-    subgraphs = 0
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and _short(n.target) == "executorch_call_delegate":
-            subgraphs += 1
-            lowered = getattr(gm, n.args[0].target)
-            macs_in += _count(lowered.original_module.graph, delegated)
-    macs_out = _count(gm.graph, portable)
-    portable_macs = collections.Counter()
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and _macs(n):
-            portable_macs[_short(n.target)] += _macs(n)
-    total = macs_in + macs_out
+    delegated, portable = collections.Counter(), collections.Counter()
+    macs_in, macs_out = collections.Counter(), collections.Counter()
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and _short(n.target) == "executorch_call_delegate"]
+    for n in calls:
+        _tally(getattr(gm, n.args[0].target).original_module.graph, delegated, macs_in)
+    _tally(gm.graph, portable, macs_out)
+    total = sum(macs_in.values()) + sum(macs_out.values())
     return {
         "backend": BACKEND,
-        "delegate_subgraphs": subgraphs,
+        "delegate_subgraphs": len(calls),
         "nodes_delegated": sum(delegated.values()),
         "nodes_portable": sum(portable.values()),
         "delegated_by_op": dict(delegated.most_common()),
         "portable_by_op": dict(portable.most_common()),
-        "macs_delegated": macs_in,
-        "macs_portable": macs_out,
-        "mac_share_delegated": (macs_in / total) if total else 1.0,
-        "portable_mac_ops": dict(portable_macs.most_common()),
+        "macs_delegated": sum(macs_in.values()),
+        "macs_portable": sum(macs_out.values()),
+        "mac_share_delegated": sum(macs_in.values()) / total if total else 1.0,
+        "portable_mac_ops": dict(macs_out.most_common()),
         "why_portable": {op: WHY.get(op, "no XNNPACK equivalent in ExecuTorch's partitioner")
                          for op in portable},
     }

@@ -54,11 +54,11 @@ class FoldConstants(Pass):
                 kwargs = fx.node.map_arg(n.kwargs, lambda a: values[a])
                 try:
                     with torch.no_grad():
-                        values[n] = target_value = n.target(*args, **kwargs)
+                        value = n.target(*args, **kwargs)
                 except Exception:
                     continue
-                if not isinstance(target_value, (torch.Tensor, tuple, list)):
-                    del values[n]
+                if isinstance(value, (torch.Tensor, tuple, list)):
+                    values[n] = value
         changed = 0
         for n in list(gm.graph.nodes):
             if n.op == "call_function" and n.target in _ASSERTS and n.args and n.args[0] in values:
