@@ -106,3 +106,12 @@ def trained():
             api.export("shvit_s1", format="onnx", res=64, weights=str(ckpt), out=onnx_path.parent, force=True)
     return SimpleNamespace(dir=d, ckpt=ckpt, calib=d / "calib", test=d / "test", onnx=onnx_path,
                            train=json.loads((d / "train.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def pte_s1_64(tmp_path_factory):
+    """shvit_s1 at 64 px exported to .pte once per session (lowering costs 10-30 s a model)."""
+    pytest.importorskip("executorch")
+    from edgevit_export import api
+
+    return api.export("shvit_s1", format="pte", res=64, out=tmp_path_factory.mktemp("pte"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 
 import numpy as np
@@ -18,7 +19,7 @@ from edgevit_export.bench import report
 from edgevit_export.bench.env import collect
 from edgevit_export.bench.profile import classify, profile_onnx
 from edgevit_export.bench.protocols import PROTOCOLS, get_protocol
-from edgevit_export.bench.cache import cached_export
+from edgevit_export.bench.cache import cache_path, cached_export
 from edgevit_export.bench.matmul_peak import measure_matmul_peak
 from edgevit_export.bench.onnx_facts import onnx_input
 from edgevit_export.bench.results import BenchResult, Timing
@@ -194,8 +195,14 @@ def test_bad_input_one_line_exit_2(cli, tmp_path, args, message):
     assert not (tmp_path / "c").exists()  # rejected before any export
 
 
-def test_bench_ort_and_executorch_side_by_side(cli, s1_64, cache, tmp_path):
-    pytest.importorskip("executorch")
+def test_bench_ort_and_executorch_side_by_side(cli, s1_64, cache, tmp_path, pte_s1_64):
+    # the session's .pte export, placed where the bench cache looks (bench re-uses it by sha256)
+    from edgevit_export.exporters import get
+
+    cached = cache_path(cache, "shvit_s1", (64, 64), 1, "default", "pte")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pte_s1_64.artifact, cached)
+    shutil.copy(pte_s1_64.manifest_path, get("pte").manifest_path(cached))
     res = cli("bench", "shvit_s1", "--res", "64", "--runtime", "ort,executorch", "--runs", "20", "--cache-dir", cache,
               "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png")
     assert res.exit_code == 0, res.output

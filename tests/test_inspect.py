@@ -16,6 +16,12 @@ def test_inspect_litv2_reports_rank6_fixed(cli):
     assert r["before"]["max_rank"] == 6 and r["after"]["max_rank"] <= 5
     assert all(f["source"] for f in r["findings_after"])
     assert "compute ops on tensors that are not 4-D channels-first" in after
+    # the Core ML program itself: converted before and after the passes, its non-const ops counted
+    rt = r["runtime"]
+    assert rt["title"].startswith("Core ML program")
+    ops = rt["after"]["detail"]["ops"]
+    assert rt["after"]["rows"]["non-const ops"] == sum(ops.values()) > 0 and "const" not in ops
+    assert ops.get("layer_norm", 0) > 0            # LITv2's LayerNorms stay one op each in Core ML
 
 
 def test_inspect_table_and_bad_input(cli):

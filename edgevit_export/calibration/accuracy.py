@@ -48,6 +48,21 @@ class OrtPredictor:
         return _in_batches(lambda b: self.session.run(None, {self.input_name: b})[0], x, self.batch)
 
 
+class PtePredictor:
+    """A ``.pte`` run by ExecuTorch's runtime (its static batch, ``threads`` threads)."""
+
+    def __init__(self, path: str | Path, threads: int = 2):
+        from ..exporters import pte
+
+        self.runner = pte.load(Path(path), threads)
+        self.input_name = self.runner.inputs[0]["name"]
+        self.output_name = self.runner.outputs[0]["name"]
+        self.batch = self.runner.inputs[0]["shape"][0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return _in_batches(lambda b: self.runner({self.input_name: b})[self.output_name], x, self.batch)
+
+
 class TorchPredictor:
     """A torch module (or the GraphModule of an exported program; ``batch`` for a static batch)."""
 

@@ -12,6 +12,7 @@ from ..errors import DataError
 from ..ort import session
 from ..progress import Callback, emit
 from .data import ImageSource, SyntheticSource, scan_images, spread
+from .results import CalibrationInfo
 from .target import Target
 
 CALIB_CHUNK = 16               # images per calibration pass (bounds memory at large resolutions)
@@ -119,3 +120,20 @@ def calibrate(pre_path: Path, source, method: str, workdir: Path, *, threads: in
     save_tensors_data(ranges, cache)
     del calibrator
     return cache
+
+
+def calibration_info(job) -> tuple[CalibrationInfo, list[str]]:
+    """What the calibration of ``job`` read (after it ran), and the notes it deserves."""
+    src, scan, pre = job.calib_src, job.calib_scan, job.target.preprocess
+    requested = src.count if src.synthetic else src.limit
+    info = CalibrationInfo("synthetic" if src.synthetic else str(scan.root), src.synthetic, len(src.used),
+                           requested, src.digest(), scan.non_images if scan else 0, list(src.skipped),
+                           pre.describe())
+    notes = []
+    if src.synthetic:
+        notes.append("SYNTHETIC calibration (drawn shapes): a smoke run of the pipeline, not for shipping — "
+                     "calibrate on real images from your domain")
+    elif len(src.used) < requested:
+        notes.append(f"calibrated on {len(src.used)} images ({requested} requested; the folder has "
+                     "no more readable images)")
+    return info, notes

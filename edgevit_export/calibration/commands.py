@@ -41,8 +41,8 @@ def _skips(console: Console, what: str, non_images: int, corrupt: list) -> None:
 def render_quantize(console: Console, r) -> None:
     c = r.comparison
     ev = r.evaluation
-    cand = "int8" if r.format == "onnx" else "compressed"
-    src = "PyTorch emulation" if r.format == "coreml" else "onnxruntime"
+    cand = "compressed" if r.format == "coreml" else "int8"
+    src = {"coreml": "PyTorch emulation", "pte": "ExecuTorch, the saved .pte"}.get(r.format, "onnxruntime")
     t = Table(title=f"{r.model} {r.res[0]}x{r.res[1]} — float vs {cand} ({src}) on {ev.images} images of "
                     f"{ev.source}{'' if ev.labelled else ' (no labels)'}")
     for col in ("", "float", cand, "change"):
@@ -120,7 +120,8 @@ def register(app, console, handle_errors) -> None:
         calib: Optional[str] = typer.Option(None, "--calib", help="Calibration image folder (any nesting), or "
                                                                   "'synthetic' for a smoke run (not for shipping)."),
         calib_size: int = typer.Option(256, "--calib-size", help="Calibration images to use."),
-        method: str = typer.Option("minmax", "--method", help="Calibration: minmax | entropy | percentile."),
+        method: str = typer.Option("minmax", "--method", help="Calibration: minmax | entropy | percentile (onnx); "
+                                                               "minmax | histogram (pte)."),
         per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Weight scales per output "
                                                                                  "channel (default) or per tensor."),
         reduce_range: Optional[bool] = typer.Option(None, "--reduce-range/--no-reduce-range",
@@ -138,7 +139,8 @@ def register(app, console, handle_errors) -> None:
                                                                             "or NODE,NODE…"),
         keep_float_max: int = typer.Option(12, "--keep-float-max", help="--keep-float auto: give up after N "
                                                                         "candidates."),
-        format: str = typer.Option("onnx", "--format", "-f", help="onnx (int8 QDQ) | coreml (weight compression)."),
+        format: str = typer.Option("onnx", "--format", "-f", help="onnx (int8 QDQ) | pte (int8 ExecuTorch, "
+                                                                  "XNNPACK) | coreml (weight compression)."),
         weights_bits: Optional[int] = typer.Option(None, "--weights-bits", help="Core ML: 8 (linear int8 weights, "
                                                                                 "the default)."),
         palettize: Optional[int] = typer.Option(None, "--palettize", help="Core ML: 4 | 6 | 8-bit palettized "
@@ -149,13 +151,14 @@ def register(app, console, handle_errors) -> None:
         threads: int = typer.Option(2, "--threads", help="CPU threads for onnxruntime / PyTorch."),
         force: bool = typer.Option(False, "--force", help="Replace existing files."),
     ):
-        """Quantize (int8 QDQ ONNX, or Core ML weight compression) and measure what it cost in accuracy."""
+        """Quantize (int8 QDQ ONNX, int8 ExecuTorch .pte, or Core ML weight compression) and measure what it cost
+        in accuracy."""
         from .quantize import quantize
 
         if weights is None and not model.endswith(".onnx"):
             console.print(f"[yellow]no --weights: {model} is randomly initialised (seed 0); accuracy figures "
                           "mean nothing for it[/]")
-        if calib == "synthetic" and format == "onnx":
+        if calib == "synthetic" and format != "coreml":
             console.print("[bold yellow]--calib synthetic: drawn shapes, a smoke run of the pipeline — not for "
                           "shipping; calibrate on real images from your domain[/]")
         started = time.perf_counter()

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, EdgeExportError
-from ..progress import Callback
+from ..progress import Callback, emit
 from . import accuracy as acc
 from .data import (ImageScan, ImageSource, LabelledSet, SyntheticSource, check_classes, is_labelled, scan_images,
                    scan_labelled, spread)
 from .options import at_least_one
-from .results import EvalInfo
+from .results import EvalInfo, KeepFloatStep
 from .target import Target, random_init_note, resolve_target
 
 DEFAULT_UNLABELLED_EVAL = 200  # images compared float vs int8 when no --eval is given
@@ -76,6 +76,33 @@ def float_vs_quantized(float_fn, quant_fn, source, info: EvalInfo, progress: Cal
     if info.images == 0:
         raise DataError(f"no readable evaluation images in {info.source}; pass a folder of valid images")
     return lg, acc.compare(lg.values["float"], lg.values["quantized"], lg.labels, **names)
+
+
+def keep_float_rescue(candidates, excluded: list[str], lg: acc.Logits, ev_src, opts, requantize,
+                      progress: Callback | None, what: str = "int8"):
+    """The keep-float rescue: add the next candidate's nodes to ``excluded`` (kept in float),
+    ``requantize()`` (→ a predictor of the new int8 program), evaluate it against the same float
+    logits; until within ``opts.max_drop`` or after ``opts.keep_float_max`` steps. Returns the
+    steps and the last comparison (None when no candidate was left)."""
+    steps, comparison = [], None
+    images = list(ev_src) if len(ev_src) <= 2048 else ev_src   # in memory once, not re-read each step
+    for cand in candidates:
+        if len(steps) >= opts.keep_float_max:
+            break
+        new = [nm for nm in cand.nodes if nm not in excluded]
+        if not new:
+            continue
+        excluded.extend(new)
+        emit(progress, f"keep float: {', '.join(new)[:60]}")
+        predictor = requantize()
+        lq = acc.collect_logits({"int8": predictor}, images, progress=progress,
+                                task=f"evaluate {what} (keep-float step {len(steps) + 1})")
+        comparison = acc.compare(lg.values["float"], lq.values["int8"], lg.labels)
+        steps.append(KeepFloatStep(new, f"{cand.kind} {cand.tensor} ({cand.sqnr_db:.1f} dB)", len(excluded),
+                                   comparison.drop))
+        if comparison.drop <= opts.max_drop:
+            break
+    return steps, comparison
 
 
 @dataclass

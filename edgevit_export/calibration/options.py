@@ -5,6 +5,7 @@ and fills in what the flags leave open (the weight range for this CPU, 8-bit Cor
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,10 @@ from pathlib import Path
 from ..errors import EdgeExportError
 from .cpu import default_reduce_range
 
-METHODS = ("minmax", "entropy", "percentile")
-FORMATS = ("onnx", "coreml")
+METHODS = ("minmax", "entropy", "percentile", "histogram")
+ONNX_METHODS = ("minmax", "entropy", "percentile")
+PTE_METHODS = ("minmax", "histogram")        # torchao observers: MinMaxObserver, HistogramObserver
+FORMATS = ("onnx", "coreml", "pte")
 PALETTE_BITS = (4, 6, 8)
 WEIGHT_BITS = (8,)
 AUTO_MAX_STEPS = 12            # keep-float auto gives up after this many candidates
@@ -37,6 +40,20 @@ def parse_keep_float(spec: str | list[str] | None) -> str | list[str] | None:
     if not names:
         raise EdgeExportError("--keep-float needs 'auto' or node names separated by commas")
     return names
+
+
+def known_nodes(keep, names: list[str]) -> list[str]:
+    """The nodes ``--keep-float NODE,…`` names, each checked against the graph's ``names``
+    (none for None or "auto")."""
+    if not isinstance(keep, list):
+        return []
+    unknown = [k for k in keep if k not in set(names)]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=2, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise EdgeExportError(f"--keep-float: no node named {unknown[0]!r}{hint}; names are those of the "
+                              "sensitivity table (run once without --keep-float to see them)")
+    return list(keep)
 
 
 @dataclass(frozen=True)
@@ -71,7 +88,7 @@ class QuantizeOptions:
 
     def validated(self) -> QuantizeOptions:
         if self.format not in FORMATS:
-            raise EdgeExportError(f"unknown --format '{self.format}'; use onnx or coreml")
+            raise EdgeExportError(f"unknown --format '{self.format}'; use onnx, coreml or pte")
         if self.method not in METHODS:
             raise EdgeExportError(f"unknown --method '{self.method}'; use one of: {', '.join(METHODS)}")
         if self.max_drop is None or not math.isfinite(self.max_drop) or self.max_drop < 0:
@@ -84,16 +101,35 @@ class QuantizeOptions:
         at_least_one("--keep-float-max", self.keep_float_max)
         if self.format == "onnx":
             return self._validated_onnx(keep)
+        if self.format == "pte":
+            return self._validated_pte(keep)
         return self._validated_coreml(keep)
 
-    def _validated_onnx(self, keep) -> QuantizeOptions:
+    def _static_int8(self, methods: tuple[str, ...]) -> None:
+        """What both static int8 formats (ONNX QDQ, ExecuTorch PT2E) need."""
         if self.weights_bits is not None or self.palettize is not None:
-            raise EdgeExportError("--weights-bits and --palettize apply to --format coreml; "
-                                  "ONNX quantization is int8 QDQ")
+            raise EdgeExportError(f"--weights-bits and --palettize apply to --format coreml; "
+                                  f"--format {self.format} quantizes to static int8")
+        if self.method not in methods:
+            raise EdgeExportError(f"--method {self.method} does not apply to --format {self.format}; "
+                                  f"use one of: {', '.join(methods)}")
         if self.calib is None:
             raise EdgeExportError("int8 quantization needs calibration images: pass --calib DIR (images like "
                                   "the ones the model will see) or --calib synthetic for a smoke run")
         at_least_one("--calib-size", self.calib_size)
+
+    def _validated_pte(self, keep) -> QuantizeOptions:
+        from ..exporters import pte
+
+        self._static_int8(PTE_METHODS)
+        pte.validate_options()            # ExecuTorch installed, else the one-line install command
+        if self.reduce_range:
+            raise EdgeExportError("--reduce-range applies to --format onnx (onnxruntime's u8s8 kernels); "
+                                  "XNNPACK's int8 kernels take the full range")
+        return dataclasses.replace(self, keep_float=keep, reduce_range=False)
+
+    def _validated_onnx(self, keep) -> QuantizeOptions:
+        self._static_int8(ONNX_METHODS)
         rr, note = (self.reduce_range, "") if self.reduce_range is not None else default_reduce_range()
         return dataclasses.replace(self, keep_float=keep, reduce_range=rr, reduce_range_note=note)
 

@@ -10,7 +10,6 @@ per-layer sensitivity ranks the quantized tensors by the error their Q/DQ inject
 from __future__ import annotations
 
 import contextlib
-import difflib
 import io
 from pathlib import Path
 
@@ -18,10 +17,11 @@ from ..errors import EdgeExportError
 from ..exporters.artifacts import size_bytes
 from ..progress import Callback, emit, prefixed
 from . import accuracy as acc
-from .calibrate import calibrate, calibration_method
+from .calibrate import calibrate, calibration_info, calibration_method
 from .data import ImageSource, SyntheticSource
-from .evaluation import eval_source, float_vs_quantized
-from .results import CalibrationInfo, Job, KeepFloatStep, QuantizeResult, manifest, timed
+from .evaluation import eval_source, float_vs_quantized, keep_float_rescue
+from .results import Job, KeepFloatStep, QuantizeResult, manifest, timed
+from .options import known_nodes
 from .sensitivity import Sensitivity, sensitivity
 from .target import random_init_note
 
@@ -52,30 +52,7 @@ def _named_nodes(pre_path: Path, keep) -> list[str]:
 
     if not isinstance(keep, list):
         return []
-    node_names = [n.name for n in onnx.load(str(pre_path), load_external_data=False).graph.node]
-    unknown = [k for k in keep if k not in set(node_names)]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], node_names, n=2, cutoff=0.6)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise EdgeExportError(f"--keep-float: no node named {unknown[0]!r}{hint}; names are those of the "
-                              "sensitivity table (run once without --keep-float to see them)")
-    return list(keep)
-
-
-def _calibration_info(job: Job) -> tuple[CalibrationInfo, list[str]]:
-    src, scan, pre = job.calib_src, job.calib_scan, job.target.preprocess
-    requested = src.count if src.synthetic else src.limit
-    info = CalibrationInfo("synthetic" if src.synthetic else str(scan.root), src.synthetic, len(src.used),
-                           requested, src.digest(), scan.non_images if scan else 0, list(src.skipped),
-                           pre.describe())
-    notes = []
-    if src.synthetic:
-        notes.append("SYNTHETIC calibration (drawn shapes): a smoke run of the pipeline, not for shipping — "
-                     "calibrate on real images from your domain")
-    elif len(src.used) < requested:
-        notes.append(f"calibrated on {len(src.used)} images ({requested} requested; the folder has "
-                     "no more readable images)")
-    return info, notes
+    return known_nodes(keep, [n.name for n in onnx.load(str(pre_path), load_external_data=False).graph.node])
 
 
 class _Int8:
@@ -101,7 +78,7 @@ class _Int8:
         with timed(self.seconds, "calibrate"):
             self.cache = calibrate(self.pre_path, job.calib_src, opts.method, job.tmp, threads=opts.threads,
                                    progress=step)
-        calib_info, calib_notes = _calibration_info(job)
+        calib_info, calib_notes = calibration_info(job)
         self.notes += calib_notes
         emit(step, "quantize")
         with timed(self.seconds, "quantize"):
@@ -169,27 +146,16 @@ class _Int8:
 
     def _keep_float_auto(self, sens: list[Sensitivity], lg: acc.Logits, ev_src,
                          comparison: acc.Comparison) -> tuple[acc.Comparison, list[KeepFloatStep]]:
-        """The keep-float rescue: keep the worst candidate's nodes in float, re-quantize (same
-        calibration), re-evaluate int8 against the same float logits; until within --max-drop."""
-        opts, steps, images = self.opts, [], None
-        for cand in sens:
-            if len(steps) >= opts.keep_float_max:
-                break
-            new = [nm for nm in cand.nodes if nm not in self.excluded]
-            if not new:
-                continue
-            self.excluded.extend(new)
-            emit(self.step, f"keep float: {', '.join(new)[:60]}")
+        """Keep the worst candidates' nodes in float (same calibration), see
+        :func:`.evaluation.keep_float_rescue`."""
+        opts = self.opts
+
+        def requantize():
             self._quantize()
-            if images is None:   # in memory once, not re-read each step
-                images = list(ev_src) if len(ev_src) <= 2048 else ev_src
-            lq = acc.collect_logits({"int8": acc.OrtPredictor(self.staged, threads=opts.threads)}, images,
-                                    progress=self.step, task=f"evaluate int8 (keep-float step {len(steps) + 1})")
-            comparison = acc.compare(lg.values["float"], lq.values["int8"], lg.labels)
-            steps.append(KeepFloatStep(new, f"{cand.kind} {cand.tensor} ({cand.sqnr_db:.1f} dB)",
-                                       len(self.excluded), comparison.drop))
-            if comparison.drop <= opts.max_drop:
-                break
+            return acc.OrtPredictor(self.staged, threads=opts.threads)
+
+        steps, last = keep_float_rescue(sens, self.excluded, lg, ev_src, opts, requantize, self.step)
+        comparison = last or comparison
         if comparison.drop > opts.max_drop:
             self.notes.append(f"--keep-float auto kept {len(self.excluded)} nodes in float over {len(steps)} steps "
                               f"and the drop is still {comparison.drop:.2f} > {opts.max_drop:g}; try --method "

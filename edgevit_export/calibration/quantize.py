@@ -2,9 +2,9 @@
 
 ``quantize()`` checks every flag first (:mod:`.options`), resolves what to quantize
 (:mod:`.target`) and on which images (:mod:`.calibrate`, :mod:`.evaluation`), then hands the job to
-its format: static int8 QDQ ONNX (:mod:`.ort_int8`) or Core ML weight compression
-(:mod:`.coreml_weights`). Bad input raises :class:`~edgevit_export.errors.EdgeExportError` before
-anything is written; the artifact and its manifest are staged and moved into place together. A
+its format: static int8 QDQ ONNX (:mod:`.ort_int8`), static int8 ExecuTorch with XNNPACK
+(:mod:`.pte_int8`) or Core ML weight compression (:mod:`.coreml_weights`). Bad input raises
+:class:`~edgevit_export.errors.EdgeExportError` before anything is written; the artifact and its manifest are staged and moved into place together. A
 drop beyond ``max_drop`` is reported in the result (``passed`` false), with the artifact kept for
 inspection.
 """
@@ -23,6 +23,7 @@ from .coreml_weights import compress_coreml
 from .evaluation import evaluation_set
 from .options import AUTO_MAX_STEPS, QuantizeOptions
 from .ort_int8 import quantize_onnx
+from .pte_int8 import quantize_pte
 from .results import Job, QuantizeResult, manifest_json
 from .target import resolve_target
 
@@ -69,16 +70,18 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
                            threads=threads, seed=seed).validated()
     # what to quantize, on which data
     target = resolve_target(model, opts.res, opts.weights)
-    if opts.format == "coreml" and target.kind != "model":
-        raise EdgeExportError("--format coreml needs a model name (and --weights), not an .onnx file")
+    if opts.format != "onnx" and target.kind != "model":
+        raise EdgeExportError(f"--format {opts.format} needs a model name (and --weights), not an .onnx file")
     calib_src, calib_scan = (calibration_source(opts.calib, target, opts.calib_size, opts.seed)
-                             if opts.format == "onnx" else (None, None))
+                             if opts.format != "coreml" else (None, None))
     eval_set = evaluation_set(opts.eval_dir, opts.labels, target)
     # where it goes
     out_dir = artifacts.check_out_dir(opts.out)
     base = f"{target.name}-{artifacts.res_tag(target.hw)}" if target.kind == "model" else target.name
     if opts.format == "onnx":
         artifact, manifest_path = out_dir / f"{base}.int8.onnx", out_dir / f"{base}.int8.json"
+    elif opts.format == "pte":
+        artifact, manifest_path = out_dir / f"{base}.int8.pte", out_dir / f"{base}.int8.pte.json"
     else:
         suffix = f"w{opts.weights_bits}" if opts.weights_bits else f"pal{opts.palettize}"
         artifact, manifest_path = out_dir / f"{base}.{suffix}.mlpackage", out_dir / f"{base}.{suffix}.coreml.json"
@@ -86,7 +89,7 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
 
     with artifacts.staging(out_dir) as tmp, _quiet():
         job = Job(target, opts, calib_src, calib_scan, eval_set, tmp, artifact, manifest_path)
-        result = quantize_onnx(job, progress) if opts.format == "onnx" else compress_coreml(job, progress)
+        result = {"onnx": quantize_onnx, "pte": quantize_pte, "coreml": compress_coreml}[opts.format](job, progress)
         result.seconds["total"] = time.perf_counter() - t0
         result.manifest["seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
         staged_manifest = tmp / manifest_path.name

@@ -55,7 +55,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("pte", "edgevit_export.exporters.pte", ".pte", ".pte", "ExecuTorch",
            ("static_shapes", "fold_constants", "fold_batchnorm", "rank_le5", "cancel_reshapes", "split_to_slices",
             "matmul_to_bmm", "decompose_norms", "mean_as_gemm", "float_scalars",
-            "views_as_reshape")),
+            "views_as_reshape", "softmax_rows")),
 )}
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import EdgeExportError
+from ..errors import EdgeExportError, first_line
 from ..labels import read_labels
 from .check import Gate
 
@@ -277,3 +277,32 @@ def coordinate_ops(ops: list, *, is_sampler, coordinate_input, consumers, is_out
     return [op for op in ops if id(op) in keep]
 
 
+
+
+# --- inspect: what the ML Program is made of -------------------------------------------------------
+
+NORM_PRIMITIVES = ("reduce_mean", "sub", "square", "sqrt", "real_div", "batch_norm", "instance_norm", "layer_norm")
+
+
+def report(program: torch.export.ExportedProgram, example: torch.Tensor) -> dict:
+    """For ``inspect --format coreml``: the non-const ops of the ML Program ``program`` converts to
+    (fp16, iOS16, tensor in, logits out), by type."""
+    import tempfile
+
+    from . import Meta
+
+    b, _, h, w = example.shape
+    meta = Meta("model", "", "", (h, w), 0, (0.0,) * 3, (1.0,) * 3, [], 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.mlpackage"
+        try:
+            convert(program, example, path, validate_options(tensor_input=True, logits=True), meta)
+        except Exception as e:   # e.g. rank-6 tensors before the passes: say so, it is the finding
+            return {"title": "Core ML program (coremltools, fp16, iOS16)",
+                    "rows": {"Core ML conversion": f"fails: {first_line(e)[:160]}"}, "detail": {}}
+        ops = {k: v for k, v in inspect_program(path)["ops"].items() if k != "const"}
+    norm = {k: ops[k] for k in NORM_PRIMITIVES if k in ops}
+    rows = {"non-const ops": sum(ops.values()),
+            "op types": ", ".join(f"{k} {v}" for k, v in list(ops.items())[:8]) + (" …" if len(ops) > 8 else ""),
+            "norm-related ops": ", ".join(f"{k} {v}" for k, v in norm.items()) or "none"}
+    return {"title": "Core ML program (coremltools, fp16, iOS16)", "rows": rows, "detail": {"ops": ops}}

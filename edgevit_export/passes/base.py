@@ -180,10 +180,38 @@ def constant_value(gm: fx.GraphModule, n, depth: int = 0) -> torch.Tensor | None
 
 def replace_node(old: fx.Node, new: fx.Node) -> None:
     """Rewire every use of ``old`` to ``new`` (which takes over its shape, so later rewrites in
-    the same pass can read it) and drop ``old``."""
+    the same pass can read it) and drop ``old``. The nodes written for it inherit its provenance
+    (:func:`inherit_provenance`)."""
+    inherit_provenance(old, new)
     new.meta["val"] = old.meta.get("val")
     old.replace_all_uses_with(new)
     old.graph.erase_node(old)
+
+
+def inherit_provenance(old: fx.Node, new: fx.Node) -> None:
+    """Give ``new`` and the fresh nodes it was built from (no module, no tag yet) the module of
+    ``old`` and ``meta['custom']['replaces']``; the pipeline adds the pass's name as ``written_by``.
+    Both survive ``torch.export``, so a quantizer or a profile can tell which nodes a rewrite wrote
+    (the quantizers keep decompose_norms' statistics in float)."""
+    stack, trace = old.meta.get("nn_module_stack"), old.meta.get("stack_trace")
+    todo, seen = [new], set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n is old or n.op != "call_function" or "nn_module_stack" in n.meta or "custom" in n.meta:
+            continue
+        seen.add(n)
+        if stack is not None:
+            n.meta["nn_module_stack"] = dict(stack)
+        if trace is not None:
+            n.meta["stack_trace"] = trace
+        n.meta["custom"] = {"replaces": op_name(old)}
+        todo.extend(a for a in n.all_input_nodes)
+
+
+def written_by(n: fx.Node) -> str | None:
+    """The pass that wrote ``n`` (None for a node of the captured program)."""
+    custom = n.meta.get("custom")
+    return custom.get("written_by") if isinstance(custom, dict) else None
 
 
 def finish(gm: fx.GraphModule) -> None:

@@ -27,6 +27,7 @@ from .matmul_to_bmm import MatmulToBmm
 from .mean_as_gemm import MeanAsGemm
 from .normalize_input import NormalizeInput
 from .rank_le5 import RankLe5
+from .softmax_rows import SoftmaxRows
 from .split_to_slices import SplitToSlices
 from .static_shapes import StaticShapes
 from .views_as_reshape import ViewsAsReshape
@@ -48,7 +49,7 @@ def rounding_noise(gm, example: torch.Tensor, out) -> float:
 PASSES: dict[str, Pass] = {p.name: p for p in (
     StaticShapes(), FoldConstants(), FoldBatchNorm(), RankLe5(), CancelReshapes(), LinearToConv(), NormalizeInput(),
     SplitToSlices(), MatmulToBmm(), DecomposeNorms(), MeanAsGemm(), FloatScalars(),
-    ViewsAsReshape(), BatchNormAsAffine())}
+    ViewsAsReshape(), SoftmaxRows(), BatchNormAsAffine())}
 
 
 
@@ -131,6 +132,9 @@ def run_passes(ep: torch.export.ExportedProgram, names: list[str], ctx: PassCont
             results.append(PassResult(name, 0, before, before))
             continue
         finish(gm)
+        for n in gm.graph.nodes:   # provenance: the nodes this pass wrote (see base.inherit_provenance)
+            if isinstance(n.meta.get("custom"), dict):
+                n.meta["custom"].setdefault("written_by", name)
         ref = cur_out if x is None else annotate(backup, (p.reference_input(x_in, ctx),))
         out = annotate(gm, (x_in,))
         err = max(rel_err(o, r) for o, r in zip(_flat(out), _flat(ref)))
