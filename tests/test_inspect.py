@@ -5,6 +5,7 @@ import json
 import pytest
 
 
+@pytest.mark.slow   # rank 6 is named by test_export_coreml; the Core ML op counts by the test below
 def test_inspect_litv2_reports_rank6_fixed(cli):
     res = cli("inspect", "litv2_s", "--res", "64", "--format", "coreml", "--json")
     assert res.exit_code == 0, res.output
@@ -22,6 +23,18 @@ def test_inspect_litv2_reports_rank6_fixed(cli):
     ops = rt["after"]["detail"]["ops"]
     assert rt["after"]["rows"]["non-const ops"] == sum(ops.values()) > 0 and "const" not in ops
     assert ops.get("layer_norm", 0) > 0            # LITv2's LayerNorms stay one op each in Core ML
+
+
+def test_inspect_coreml_counts_the_programs_ops_before_and_after(cli):
+    res = cli("inspect", "shvit_s1", "--res", "64", "--format", "coreml", "--json")
+    assert res.exit_code == 0, res.output
+    rt = json.loads(res.output)["runtime"]
+    assert rt["title"].startswith("Core ML program")
+    before, after = rt["before"]["detail"]["ops"], rt["after"]["detail"]["ops"]
+    assert rt["after"]["rows"]["non-const ops"] == sum(after.values()) > 0 and "const" not in after
+    # GroupNorm is six primitives in Core ML (SHViT-S1: 9 norms); fold_batchnorm removes the head's BN
+    assert after["real_div"] >= 9 and after["sqrt"] >= 9
+    assert before.get("batch_norm", 0) > after.get("batch_norm", 0)
 
 
 def test_inspect_table_and_bad_input(cli):
