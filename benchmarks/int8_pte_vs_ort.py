@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pte_vs_ort import CPU, _time_both  # noqa: E402
+from pte_vs_ort import CPU, _save, _time_both  # noqa: E402
 
 from edgevit_export.calibration.quantize import quantize  # noqa: E402
 
@@ -79,15 +79,10 @@ def main() -> None:
                 row = measure(name, res, Path(tmp))
             row["cpu"] = CPU
             results[f"{name}@{res}"] = row
-            _save_to(results)
+            _save(results, RESULTS)
             print(f"{name}@{res}", f"ratio {row['timing']['ratio']:.2f}",
                   f"pte {row['timing']['executorch']['median_ms']:.1f} ms",
                   f"ort {row['timing']['ort']['median_ms']:.1f} ms", flush=True)
-
-
-def _save_to(results: dict) -> None:
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ def _load() -> dict:
     return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
 
 
-def _save(results: dict) -> None:
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+def _save(results: dict, path: Path = RESULTS) -> None:
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
 def _stats(ms: list[float]) -> dict:

@@ -112,14 +112,19 @@ def calibrate(pre_path: Path, source, method: str, workdir: Path, *, threads: in
         collected += len(chunk)
         calibrator.collect_data(_ListReader(chunk))
     if collected == 0:
-        skipped = getattr(source, "skipped", [])
-        hint = f"; {len(skipped)} corrupt (first: {skipped[0][0]})" if skipped else ""
-        raise DataError(f"no readable calibration images{hint}; pass a folder of valid images")
+        raise no_calibration_images(source)
     ranges = calibrator.compute_data()
     cache = workdir / "calibration.json"
     save_tensors_data(ranges, cache)
     del calibrator
     return cache
+
+
+def no_calibration_images(source) -> DataError:
+    """The error for a calibration source that yielded nothing (naming the first corrupt file)."""
+    skipped = getattr(source, "skipped", [])
+    hint = f"; {len(skipped)} corrupt (first: {skipped[0][0]})" if skipped else ""
+    return DataError(f"no readable calibration images{hint}; pass a folder of valid images")
 
 
 def calibration_info(job) -> tuple[CalibrationInfo, list[str]]:

@@ -27,13 +27,13 @@ import warnings
 import numpy as np
 import torch
 
-from ..errors import CheckFailed, DataError, EdgeExportError
+from ..errors import CheckFailed, EdgeExportError
 from ..exporters import pte
 from ..metrics import db, sqnr_db
 from ..passes.base import written_by
 from ..progress import Callback, emit
 from . import accuracy as acc
-from .calibrate import calibration_info
+from .calibrate import calibration_info, no_calibration_images
 from .evaluation import eval_source, float_vs_quantized, keep_float_rescue
 from .options import known_nodes
 from .results import Job, QuantizeResult, manifest, timed
@@ -226,7 +226,7 @@ class _PteInt8:
                 lg, comparison = float_vs_quantized(float_fn, int8_fn, ev_src, ev_info, step,
                                                     "evaluate float + int8 (.pte)")
             else:
-                lq = acc.collect_logits({"int8": int8_fn}, self._images(ev_src), progress=step,
+                lq = acc.collect_logits({"int8": int8_fn}, ev_src, progress=step,
                                         task="evaluate int8 (.pte)")
                 comparison = acc.compare(lg.values["float"], lq.values["int8"], lg.labels)
         if steps and comparison.drop > opts.max_drop:
@@ -294,9 +294,7 @@ class _PteInt8:
                     prepared(torch.from_numpy(x[None]))
                     n += 1
             if n == 0:
-                skipped = getattr(self.job.calib_src, "skipped", [])
-                hint = f"; {len(skipped)} corrupt (first: {skipped[0][0]})" if skipped else ""
-                raise DataError(f"no readable calibration images{hint}; pass a folder of valid images")
+                raise no_calibration_images(self.job.calib_src)
             return convert_pt2e(prepared)
 
     def _calibration_images(self):
@@ -313,9 +311,6 @@ class _PteInt8:
             yield item.x
         if sum(x.nbytes for x in keep) <= CACHE_BYTES:
             self._calib_cache = keep
-
-    def _images(self, ev_src):
-        return list(ev_src) if len(ev_src) <= 2048 else ev_src
 
     def _sensitivity(self, int8_gm) -> list[Sensitivity]:
         opts = self.opts
