@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,pte]'
-	$(BIN)/python -c "import torch, onnxruntime, coremltools, typer, executorch; assert '+cpu' in torch.__version__ or not torch.cuda.is_available()"
+	$(BIN)/python -m pip install -q -e '.[test,pte,tflite]'
+	$(BIN)/python -c "import torch, onnxruntime, coremltools, typer, executorch, litert_torch, ai_edge_litert.interpreter; assert '+cpu' in torch.__version__ or not torch.cuda.is_available()"
 	touch $(STAMP)
 
 venv: $(STAMP)

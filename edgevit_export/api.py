@@ -14,7 +14,7 @@ import torch
 from . import __version__
 from .calibration.data import CROP_PCT
 from .errors import CannotRun, CheckFailed, EdgeExportError
-from .exporters.check import Gate, judge, raw_scale, reference_input, seeded_feeds, torch_outputs, write_golden
+from .exporters.check import Gate, as_nchw, judge, raw_scale, reference_input, seeded_feeds, torch_outputs, write_golden
 from .measure import count_macs, count_params, skeleton
 from .passes import PassContext, resolve_passes, run_passes
 from .passes.pipeline import PipelineResult
@@ -48,7 +48,7 @@ def _tool_versions() -> dict:
     import importlib.metadata as md
 
     out = {"edgevit_export": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "onnx", "onnxruntime", "onnxsim", "coremltools", "executorch"):
+    for pkg in ("torch", "onnx", "onnxruntime", "onnxsim", "coremltools", "executorch", "litert-torch", "ai-edge-litert"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -95,6 +95,7 @@ def export(
     tensor_input: bool = False,
     labels: str | Path | None = None,
     logits: bool = False,
+    layout: str = "nchw",
     progress: Callback | None = None,
 ) -> ExportResult:
     """Capture → passes → ``format.convert`` → ``format.load`` → parity + structure, one model at one
@@ -114,7 +115,7 @@ def export(
     if batch < 1:
         raise EdgeExportError(f"--batch must be at least 1, got {batch}")
     options = backend.validate_options(output=output, opset=opset, target=target, precision=precision,
-                                       labels=labels, tensor_input=tensor_input, logits=logits)
+                                       labels=labels, tensor_input=tensor_input, logits=logits, layout=layout)
     pass_names = resolve_passes(passes, format, tensor_input=options.get("tensor_input", False))
     if not options.get("tensor_input", True) and "normalize_input" not in pass_names:
         pass_names.append("normalize_input")  # an image input takes raw pixels: part of the input contract
@@ -154,7 +155,8 @@ def export(
         raise CheckFailed(f"normalize_input could not be proven exact on this network ({contract[0].refused}); "
                           f"nothing was written — export with --tensor-input and normalise in the app")
     normalization = {"mean": list(info.mean), "std": list(info.std), "in_graph": pipe.raw_input,
-                     "input_range": f"0-{pipe.input_scale:g}" if pipe.raw_input else "normalized"}
+                     "input_range": f"0-{pipe.input_scale:g}" if pipe.raw_input else "normalized",
+                     "layout": options.get("layout", "nchw")}
     meta = exporters.Meta(name, info.family, info.paper, hw, count_params(model), info.mean, info.std,
                           [p.name for p in pipe.passes], num_classes)
 
@@ -184,7 +186,7 @@ def export(
                 checks["parity"] = judge([o[compared[0]] for o in outs], [r[0] for r in refs],
                                          backend.gate(options, trained=not random_init),
                                          f"pytorch fp32 ({runner.runtime}, saved artifact, {', '.join(compared)})")
-                checks["program"] = _program_parity(pipe, model, feeds, refs, in_name)
+                checks["program"] = _program_parity(pipe, model, feeds, refs, in_name, normalization)
                 golden_kept = write_golden(tmp / golden_path.name, feeds, refs, compared)
         timings["check"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
@@ -227,12 +229,12 @@ def export(
                         parity=checks.get("parity"), checks=checks, random_init=random_init, seconds=timings)
 
 
-def _program_parity(pipe: PipelineResult, model, feeds, refs, in_name: str) -> dict:
+def _program_parity(pipe: PipelineResult, model, feeds, refs, in_name: str, normalization: dict) -> dict:
     """Second opinion, cheap: the rewritten torch program handed to the converter, in fp32 —
     separates what the passes did from what the converter and runtime did."""
     gm = pipe.program.module()
     with torch.no_grad():
-        outs = [gm(torch.from_numpy(f[in_name])).numpy() for f in feeds]
+        outs = [gm(as_nchw(f[in_name], normalization)).numpy() for f in feeds]
     return judge(outs, [r[0] for r in refs], Gate(PROGRAM_TOLERANCE), "pytorch fp32 (rewritten torch program, "
                  "as handed to the converter)")
 
@@ -404,7 +406,8 @@ def run(artifact: str | Path, *, images: list[str | Path] | None = None, top: in
     emit(progress, f"load {fmt.title} runner")
     runner = exporters.load(path)
     spec = runner.inputs[0]
-    batch, hw = int(spec["shape"][0]), (int(spec["shape"][2]), int(spec["shape"][3]))
+    nhwc = spec.get("layout") == "nhwc"
+    batch, hw = int(spec["shape"][0]), tuple(int(d) for d in (spec["shape"][1:3] if nhwc else spec["shape"][2:4]))
     norm = manifest.get("normalization") or {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                                               "in_graph": spec.get("kind") == "image", "input_range": "0-255"}
     raw = raw_scale(norm)
@@ -413,7 +416,8 @@ def run(artifact: str | Path, *, images: list[str | Path] | None = None, top: in
     samples: list[tuple[str, np.ndarray]] = []
     for f in files:
         try:
-            samples.append((str(f), pre.image(load_image(f))))
+            chw = pre.image(load_image(f))
+            samples.append((str(f), chw.transpose(1, 2, 0) if nhwc else chw))   # NHWC artifacts take H, W, C
         except CorruptImage as e:
             raise EdgeExportError(f"--image {f} is not a readable image ({e})") from None
     seeded = not samples

@@ -126,7 +126,7 @@ def info(
 @handle_errors
 def export(
     model: str = typer.Argument(..., help="Model name (see 'edgevit-export list')."),
-    format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml | pte"),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml | pte | tflite"),
     res: Optional[str] = typer.Option(None, "--res", help="Input size: N or HxW (default: the model's)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (.pth/.pt or .safetensors), official or timm layout."),
     out: Path = typer.Option(Path("exports"), "--out", help="Output directory."),
@@ -141,6 +141,7 @@ def export(
     tensor_input: bool = typer.Option(False, "--tensor-input", help="Core ML: plain normalised float input 'images'."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Core ML: class names, one per line."),
     logits: bool = typer.Option(False, "--logits", help="Core ML: raw logits output instead of a classifier."),
+    layout: str = typer.Option("nchw", "--layout", help="LiteRT: input layout nchw (PyTorch's) | nhwc (an interleaved camera/bitmap buffer)."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the parity/structure checks."),
     force: bool = typer.Option(False, "--force", help="Replace existing files."),
 ):
@@ -162,7 +163,7 @@ def export(
                        output=output, opset=opset, batch=batch, check=not no_check, force=force,
                        passes=passes, distilled=distilled, target=target, precision=precision,
                        tensor_input=tensor_input, labels=str(labels) if labels else None, logits=logits,
-                       progress=progress)
+                       layout=layout, progress=progress)
     render_passes(r.pipeline)
     render_checks(r.checks)
     golden = (f"\n[bold green]wrote[/] {r.manifest_path.with_name(r.manifest['golden']['file'])}  "
@@ -242,7 +243,7 @@ def passes_cmd():
 def inspect_cmd(
     model: str = typer.Argument(..., help="Model name (see 'edgevit-export list')."),
     res: Optional[str] = typer.Option(None, "--res", help="Input size: N or HxW (default: the model's)."),
-    format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml | pte (which default pipeline; onnx and pte also show how the runtime partitions the graph)."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml | pte | tflite (which default pipeline; each also shows how its runtime takes the graph, before and after)."),
     passes: str = typer.Option("default", help="default | none | name,name,…"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):

@@ -115,3 +115,12 @@ def pte_s1_64(tmp_path_factory):
     from edgevit_export import api
 
     return api.export("shvit_s1", format="pte", res=64, out=tmp_path_factory.mktemp("pte"))
+
+
+@pytest.fixture(scope="session")
+def tflite_s1_64(tmp_path_factory):
+    """shvit_s1 at 64 px exported to .tflite once per session (litert-torch takes ~15-30 s a model)."""
+    pytest.importorskip("litert_torch")
+    from edgevit_export import api
+
+    return api.export("shvit_s1", format="tflite", res=64, out=tmp_path_factory.mktemp("tflite"))

@@ -195,25 +195,31 @@ def test_bad_input_one_line_exit_2(cli, tmp_path, args, message):
     assert not (tmp_path / "c").exists()  # rejected before any export
 
 
-def test_bench_ort_and_executorch_side_by_side(cli, s1_64, cache, tmp_path, pte_s1_64):
-    # the session's .pte export, placed where the bench cache looks (bench re-uses it by sha256)
+def test_bench_ort_executorch_and_litert_side_by_side(cli, s1_64, cache, tmp_path, pte_s1_64, tflite_s1_64):
+    # the session's .pte and .tflite exports, placed where the bench cache looks (bench re-uses them by sha256)
     from edgevit_export.exporters import get
 
-    cached = cache_path(cache, "shvit_s1", (64, 64), 1, "default", "pte")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(pte_s1_64.artifact, cached)
-    shutil.copy(pte_s1_64.manifest_path, get("pte").manifest_path(cached))
-    res = cli("bench", "shvit_s1", "--res", "64", "--runtime", "ort,executorch", "--runs", "20", "--cache-dir", cache,
-              "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png")
+    for fmt, r in (("pte", pte_s1_64), ("tflite", tflite_s1_64)):
+        cached = cache_path(cache, "shvit_s1", (64, 64), 1, "default", fmt)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(r.artifact, cached)
+        shutil.copy(r.manifest_path, get(fmt).manifest_path(cached))
+    res = cli("bench", "shvit_s1", "--res", "64", "--runtime", "ort,executorch,litert", "--runs", "20",
+              "--cache-dir", cache, "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png")
     assert res.exit_code == 0, res.output
-    assert "onnxruntime vs ExecuTorch" in res.output and "× ort" in res.output
+    assert "onnxruntime vs ExecuTorch (XNNPACK) vs LiteRT (XNNPACK)" in res.output and "× ort" in res.output
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["runtime"] == "ort,executorch"
-    ort, et = data["results"]
-    assert (ort["runtime"], et["runtime"]) == ("ort", "executorch") and ort["path"] == str(s1_64)
-    assert et["path"].endswith(".pte") and et["runs"] == 20 and et["p10_ms"] <= et["median_ms"] <= et["p90_ms"]
-    assert any("1 XNNPACK delegate subgraph" in n for n in et["notes"])
+    assert data["runtime"] == "ort,executorch,litert"
+    ort, et, lt = data["results"]
+    assert (ort["runtime"], et["runtime"], lt["runtime"]) == ("ort", "executorch", "litert")
+    assert ort["path"] == str(s1_64) and et["path"].endswith(".pte") and lt["path"].endswith(".tflite")
+    for t in (et, lt):
+        assert t["runs"] == 20 and t["p10_ms"] <= t["median_ms"] <= t["p90_ms"] and t["cached"]
+    assert any("1 XNNPACK delegate call" in n for n in et["notes"])
+    assert any("1 XNNPACK partition, 0 ops outside" in n for n in lt["notes"])
+    assert (tmp_path / "r.png").stat().st_size > 0
     assert cli("bench", s1_64, "--runtime", "executorch").exit_code == 2   # .pte by name only
+    assert cli("bench", s1_64, "--runtime", "litert").exit_code == 2       # .tflite by name only
 
     # the same cached .pte, profiled through ExecuTorch's ETDump: XNNPACK's own operators
     res = cli("profile", "shvit_s1", "--res", "64", "--runtime", "executorch", "--runs", "5", "--cache-dir", cache,

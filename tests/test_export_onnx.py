@@ -97,7 +97,7 @@ def _no_files(d):
     (["shvit_s1", "--res", "0"], "positive"),
     (["shvit_s1", "--res", "100"], "multiples of 16"),
     (["shvit_s1", "--res", "big"], "not a number"),
-    (["shvit_s1", "--format", "tflite"], "unknown format"),
+    (["shvit_s1", "--format", "tfl"], "unknown format"),
     (["shvit_s1", "--passes", "fold_everything"], "unknown pass"),
     (["shvit_s1", "--weights", "missing.pth"], "not found"),
 ])

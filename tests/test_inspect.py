@@ -42,7 +42,7 @@ def test_inspect_table_and_bad_input(cli):
     assert res.exit_code == 0 and "reshape/view ops" in res.output and "Apple" in res.output
     # ORT Mobile: onnxruntime's usability checker partitions the ONNX for the phone EPs
     assert "ORT Mobile partitions" in res.output and "NNAPI EP partitions" in res.output
-    assert cli("inspect", "shvit_s1", "--format", "tflite").exit_code == 2
+    assert cli("inspect", "shvit_s1", "--format", "tfl").exit_code == 2
     assert cli("inspect", "shvit_s1", "--res", "30").exit_code == 2
 
 

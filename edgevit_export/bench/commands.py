@@ -24,7 +24,8 @@ def render_bench(console, result) -> None:
     p = result.protocol
     stat = headline_label(result)
     short = "median" if stat == "median" else "mean"
-    names = {"ort": "onnxruntime", "executorch": "ExecuTorch (XNNPACK)", "torch": "eager PyTorch"}
+    names = {"ort": "onnxruntime", "executorch": "ExecuTorch (XNNPACK)", "litert": "LiteRT (XNNPACK)",
+             "torch": "eager PyTorch"}
     runtimes = result.runtime.split(",")
     several = len(runtimes) > 1
     rt = " vs ".join(names.get(r, r) for r in runtimes)
@@ -168,7 +169,7 @@ def register(app, console, handle_errors) -> None:
         res: Optional[str] = typer.Option(None, "--res", help="Comma-separated resolutions, N or HxW "
                                           "(default: each model's own). Static .onnx files keep theirs."),
         protocol: str = typer.Option("iphone12", "--protocol", "-p", help="iphone12 | modelbench | shvit-cpu"),
-        runtime: str = typer.Option("ort", "--runtime", help="ort (the exported ONNX file in onnxruntime) | executorch (the exported .pte, XNNPACK) | torch (eager PyTorch); several, comma-separated (ort,executorch), give one table side by side."),
+        runtime: str = typer.Option("ort", "--runtime", help="ort (the exported ONNX file in onnxruntime) | executorch (the exported .pte, XNNPACK) | litert (the exported .tflite in LiteRT's interpreter, XNNPACK) | torch (eager PyTorch); several, comma-separated (ort,executorch,litert), give one table side by side."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the protocol's)."),
         runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs (per round for modelbench; "
                                            "default: the protocol's)."),

@@ -267,7 +267,8 @@ def profile_pte(path: Path, *, model: str | None = None, passes: str = "", threa
 
     import torch
 
-    from ..exporters.pte import PteRunner, _quiet_native
+    from ..exporters.pte import PteRunner
+    from ..quiet import quiet_native
 
     if runs < 1:
         raise EdgeExportError(f"--runs must be at least 1, got {runs}")
@@ -279,7 +280,7 @@ def profile_pte(path: Path, *, model: str | None = None, passes: str = "", threa
     from executorch.devtools import Inspector
     from executorch.runtime import Runtime
 
-    with tempfile.TemporaryDirectory(prefix="edgevit-profile-") as tmp, _quiet_native():
+    with tempfile.TemporaryDirectory(prefix="edgevit-profile-") as tmp, quiet_native():
         program = Runtime.get().load_program(Path(path), enable_etdump=True, debug_buffer_size=0)
         method = program.load_method("forward")
         walls, last = [], 0.0

@@ -186,7 +186,8 @@ def plot_png(result: BenchResult) -> bytes:
 def _png(fig, plt, result: BenchResult, sep: str) -> bytes:
     """Title the figure with protocol, runtime and machine, and render it."""
     env = result.env
-    names = {"ort": f"onnxruntime {env.onnxruntime}", "torch": f"PyTorch {env.torch}", "executorch": "ExecuTorch (XNNPACK)"}
+    names = {"ort": f"onnxruntime {env.onnxruntime}", "torch": f"PyTorch {env.torch}", "executorch": "ExecuTorch (XNNPACK)",
+             "litert": "LiteRT (XNNPACK)"}
     rt = " vs ".join(names.get(r, r) for r in result.runtime.split(","))
     fig.suptitle(f"edgevit-export bench · protocol {result.protocol.name} · {rt} · {result.threads} thread(s){sep}"
                  f"{env.cpu} · {env.date[:10]}", fontsize=11)

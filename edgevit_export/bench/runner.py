@@ -24,7 +24,9 @@ from .protocols import Protocol, get_protocol
 from .results import SPREAD, BenchResult, Timing, timing_of
 from .timing import Measurement, make_input, ort_runner, time_callable, time_torch
 
-RUNTIMES = ("ort", "torch", "executorch")
+RUNTIMES = ("ort", "torch", "executorch", "litert")
+# the format each exported runtime times (torch times the eager model)
+RUNTIME_FORMAT = {"ort": "onnx", "executorch": "pte", "litert": "tflite"}
 
 
 def run_bench(models: str | list[str], res: str | int | list | None = None, *, protocol: str = "iphone12",
@@ -45,11 +47,11 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
         raise EdgeExportError("Core ML packages run here only in the reference runner, which executes them to "
                               "check their numbers, not to time them (there is no Core ML runtime on Linux); time "
                               ".mlpackage files on a device (Xcode's Performance report), or use --runtime ort | "
-                              "executorch | torch")
+                              "executorch | litert | torch")
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown or not runtimes:
         raise EdgeExportError(f"unknown runtime '{unknown[0] if unknown else runtime}'; use one of: "
-                              f"{', '.join(RUNTIMES)} (or several, comma-separated: ort,executorch)")
+                              f"{', '.join(RUNTIMES)} (or several, comma-separated: ort,executorch,litert)")
     runtimes = list(dict.fromkeys(runtimes))
     if runs is not None and runs < 1:
         raise EdgeExportError(f"--runs must be at least 1, got {runs}")
@@ -57,16 +59,18 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
         raise EdgeExportError(f"--threads must be at least 1, got {threads}")
     if max_seconds is not None and max_seconds <= 0:
         raise EdgeExportError(f"--max-seconds must be positive, got {max_seconds:g}")
-    if "executorch" in runtimes:
-        from ..exporters import pte
+    from ..exporters import get as get_format
 
-        pte.validate_options()          # ExecuTorch missing: one line with the install command
     for r in runtimes:
-        resolve_passes(passes, "pte" if r == "executorch" else "onnx")
+        if r in ("executorch", "litert"):
+            get_format(RUNTIME_FORMAT[r]).backend().validate_options()   # missing runtime: the install line
+        resolve_passes(passes, RUNTIME_FORMAT.get(r, "onnx"))
     n_threads = threads or proto.threads
     specs = parse_models(models)
-    if "executorch" in runtimes and any(s.is_file for s in specs):
-        raise EdgeExportError("--runtime executorch times models by name (exported to .pte through the cache); "
+    by_name = [r for r in runtimes if r in ("executorch", "litert")]
+    if by_name and any(s.is_file for s in specs):
+        suffix = get_format(RUNTIME_FORMAT[by_name[0]]).suffix
+        raise EdgeExportError(f"--runtime {by_name[0]} times models by name (exported to {suffix} through the cache); "
                               "pass model names, or time .onnx files with --runtime ort")
     todo = plan(specs, parse_res_list(res), proto.batch, "torch" if "torch" in runtimes else runtimes[0])
     cdir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -80,7 +84,8 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
             raise OutputError(f"cache directory: {e}; pass a writable --cache-dir or set EDGEVIT_EXPORT_CACHE") from None
 
     optimisation = {"ort": "all (onnxruntime)", "torch": "n/a (eager PyTorch)",
-                    "executorch": "XNNPACK delegate (ahead of time)"}
+                    "executorch": "XNNPACK delegate (ahead of time)",
+                    "litert": "LiteRT converter + XNNPACK delegate (at load)"}
     env = collect(n_threads, graph_optimization=", ".join(optimisation[r] for r in runtimes),
                   execution_mode="sequential")
     if "torch" in runtimes:
@@ -92,8 +97,9 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
             step = prefixed(progress, f"{p.item}{f' {rt}' if len(runtimes) > 1 else ''}: ")
             if rt == "torch":
                 timings.append(_bench_torch(p, proto, common, runs, max_seconds, step))
-            elif rt == "executorch":
-                timings.append(_bench_pte(p, proto, common, runs, max_seconds, step, passes, cdir))
+            elif rt in ("executorch", "litert"):
+                timings.append(_bench_runner(p, RUNTIME_FORMAT[rt], proto, common, runs, max_seconds, step, passes,
+                                             cdir))
             else:
                 timings.append(_bench_ort(p, proto, common, runs, max_seconds, step, passes, cdir))
     result_notes = [f"spread is {SPREAD} of the kept runs"] + [f"differs from the paper: {d}" for d in proto.differs]
@@ -132,30 +138,27 @@ def _bench_ort(p: Plan, proto: Protocol, common: dict, runs, max_seconds, step: 
                      notes=list(p.notes) + _budget_note(m, max_seconds), **common)
 
 
-def _bench_pte(p: Plan, proto: Protocol, common: dict, runs, max_seconds, step: Callback | None, passes: str,
-               cache_dir: Path) -> Timing:
-    """The model's cached ``.pte`` export in ExecuTorch's runtime (XNNPACK delegate, the protocol's
-    threads); a fresh program load per round where the protocol asks for a fresh session."""
-    import torch
+def _bench_runner(p: Plan, fmt: str, proto: Protocol, common: dict, runs, max_seconds, step: Callback | None,
+                  passes: str, cache_dir: Path) -> Timing:
+    """The model's cached export (``.pte`` or ``.tflite``) in its runtime's own Runner (the
+    protocol's threads), timing the call the Runner makes with its inputs already set; a fresh
+    load per round where the protocol asks for a fresh session."""
+    from ..exporters import get as get_format
 
-    from ..exporters.pte import PteRunner
-
+    backend = get_format(fmt).backend()
     emit(step, "checking the export cache")
     path, manifest, cached = cached_export(p.spec.name, p.hw, batch=proto.batch, passes=passes, cache_dir=cache_dir,
-                                           progress=prefixed(step, "export: "), format="pte")
-    shape = tuple(PteRunner(path, common["threads"]).inputs[0]["shape"])
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+                                           progress=prefixed(step, "export: "), format=fmt)
+    spec = backend.load(path, common["threads"]).inputs[0]
+    feeds = {spec["name"]: np.random.default_rng(0).standard_normal(spec["shape"]).astype(np.float32)}
 
     def make():
-        method = PteRunner(path, common["threads"]).method
-        return lambda: method.execute([x])
+        return backend.load(path, common["threads"]).prepared(feeds)
 
     m = time_callable(make, proto, runs=runs, max_seconds=max_seconds, progress=step)
-    d = (manifest.get("backend") or {}).get("delegation") or {}
     notes = list(p.notes) + _budget_note(m, max_seconds)
-    if d:
-        notes.append(f"{d['delegate_subgraphs']} XNNPACK delegate subgraph(s), {d['nodes_portable']} node(s) on "
-                     f"portable kernels, {100 * d['mac_share_delegated']:.1f}% of MACs delegated")
+    structure = backend.structure(backend.describe(path), {})
+    notes.append(structure["summary"])
     return timing_of(m, source="export", path=str(path), macs=int(manifest["macs"]) if manifest.get("macs") else None,
                      macs_source="manifest" if manifest.get("macs") else "", cached=cached, notes=notes, **common)
 

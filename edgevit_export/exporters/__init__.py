@@ -56,6 +56,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            ("static_shapes", "fold_constants", "fold_batchnorm", "rank_le5", "cancel_reshapes", "split_to_slices",
             "matmul_to_bmm", "decompose_norms", "mean_as_gemm", "float_scalars",
             "views_as_reshape", "softmax_rows")),
+    Format("tflite", "edgevit_export.exporters.tflite", ".tflite", ".tflite", "LiteRT",
+           ("static_shapes", "fold_batchnorm", "rank_le5", "cancel_reshapes", "grid_sample_gather", "token_maps",
+            "matmul_as_einsum")),
 )}
 
 

@@ -107,11 +107,17 @@ def raw_scale(normalization: dict) -> float | None:
     return float(str(normalization.get("input_range", "0-255")).split("-")[-1])
 
 
+def as_nchw(x: np.ndarray, normalization: dict) -> torch.Tensor:
+    """An artifact's input as PyTorch's NCHW tensor (an NHWC artifact, ``layout: nhwc``, transposed)."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t.permute(0, 3, 1, 2).contiguous() if normalization.get("layout") == "nhwc" else t
+
+
 def reference_input(x: np.ndarray, normalization: dict) -> torch.Tensor:
     """What the PyTorch model must be fed to match an artifact fed ``x``: the artifact's own input
     where it takes normalised tensors, else ``(x / scale − mean) / std`` in float64 as the
-    ``normalize_input`` pass proves it."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    ``normalize_input`` pass proves it; an NHWC input (``layout: nhwc``) is PyTorch's NCHW transposed."""
+    t = as_nchw(x, normalization)
     scale = raw_scale(normalization)
     if scale is None:
         return t

@@ -23,7 +23,6 @@ import contextlib
 import io
 import logging
 import operator
-import os
 import warnings
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import CannotRun, EdgeExportError, first_line
+from ..quiet import quiet_native
 from .check import Gate
 
 INSTALL = "pip install 'edgevit-export[pte]'  (or: pip install executorch==1.5.1)"
@@ -49,7 +49,7 @@ def _quiet_import():
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), _quiet_native():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), quiet_native():
             warnings.simplefilter("ignore")
             import executorch.exir  # noqa: F401
             from executorch.runtime import Runtime  # noqa: F401
@@ -271,7 +271,7 @@ class PteRunner:
         from executorch.runtime import Runtime
 
         self.path = Path(path)
-        with _quiet_native():
+        with quiet_native():
             set_threads(threads)
             try:
                 self.program = Runtime.get().load_program(self.path)
@@ -301,27 +301,15 @@ class PteRunner:
 
     numeric = __call__
 
+    def prepared(self, inputs: dict[str, np.ndarray]):
+        """The bare call a latency measurement times: the method on ``inputs``, converted once."""
+        feeds = [torch.from_numpy(np.ascontiguousarray(inputs[d["name"]], dtype=np.float32)) for d in self.inputs]
+        return lambda: self.method.execute(feeds)
+
 
 def _info(t, name: str) -> dict:
     return {"name": name, "shape": [int(d) for d in t.sizes()], "dtype": _SCALAR_TYPES.get(int(t.dtype()), str(t.dtype())),
             "kind": "tensor"}
-
-
-@contextlib.contextmanager
-def _quiet_native():
-    """Silence what the native runtime writes to fd 2 while loading (cpuinfo probing lines)."""
-    try:
-        fd = os.dup(2)
-    except OSError:
-        yield
-        return
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(fd, 2)
-            os.close(fd)
 
 
 def _version() -> str:

@@ -134,6 +134,21 @@ def annotate(gm: fx.GraphModule, inputs: tuple):
     return _Annotator(gm).run(*inputs)
 
 
+def swaps_last_two(n) -> bool:
+    """Whether ``n`` is a transpose/permute that swaps its input's last two axes and nothing else."""
+    if not (isinstance(n, fx.Node) and n.op == "call_function"):
+        return False
+    s = shape(n.args[0])
+    if s is None or len(s) < 2:
+        return False
+    r = len(s)
+    if n.target is aten.transpose.int:
+        return sorted([n.args[1] % r, n.args[2] % r]) == [r - 2, r - 1]
+    if n.target is aten.permute.default:
+        return [p % r for p in n.args[1]] == list(range(r - 2)) + [r - 1, r - 2]
+    return False
+
+
 def add_constant(gm: fx.GraphModule, before: fx.Node, value: torch.Tensor, hint: str) -> fx.Node:
     """Register ``value`` as a buffer of ``gm`` and insert a get_attr node for it before ``before``."""
     i = 0

@@ -22,7 +22,9 @@ from .decompose_norms import DecomposeNorms
 from .fold_batchnorm import FoldBatchNorm
 from .float_scalars import FloatScalars
 from .fold_constants import FoldConstants
+from .grid_sample_gather import GridSampleGather
 from .linear_to_conv import LinearToConv
+from .matmul_as_einsum import MatmulAsEinsum
 from .matmul_to_bmm import MatmulToBmm
 from .mean_as_gemm import MeanAsGemm
 from .normalize_input import NormalizeInput
@@ -30,6 +32,7 @@ from .rank_le5 import RankLe5
 from .softmax_rows import SoftmaxRows
 from .split_to_slices import SplitToSlices
 from .static_shapes import StaticShapes
+from .token_maps import TokenMaps
 from .views_as_reshape import ViewsAsReshape
 
 EXACT_TOL = 1e-5     # a rewrite must keep the output this close (relative) …
@@ -49,7 +52,8 @@ def rounding_noise(gm, example: torch.Tensor, out) -> float:
 PASSES: dict[str, Pass] = {p.name: p for p in (
     StaticShapes(), FoldConstants(), FoldBatchNorm(), RankLe5(), CancelReshapes(), LinearToConv(), NormalizeInput(),
     SplitToSlices(), MatmulToBmm(), DecomposeNorms(), MeanAsGemm(), FloatScalars(),
-    ViewsAsReshape(), SoftmaxRows(), BatchNormAsAffine())}
+    ViewsAsReshape(), SoftmaxRows(), BatchNormAsAffine(), MatmulAsEinsum(),
+    GridSampleGather(), TokenMaps())}
 
 
 
