@@ -64,7 +64,7 @@ def test_int8_pte_runs_and_agrees_with_float(trained, pte_int8):
     _, _, model, _ = api.prepare_model("shvit_s1", 64, str(trained.ckpt), None)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    q = acc.PtePredictor(pte_int8.artifact, threads=1)(x)
+    q = acc.ArtifactPredictor(pte_int8.artifact, threads=1)(x)
     assert q.shape == ref.shape
     assert (q.argmax(1) == ref.argmax(1)).mean() >= 0.9
     assert acc.agreement(ref, q).cosine > 0.95

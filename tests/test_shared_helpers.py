@@ -75,7 +75,8 @@ def test_size_bytes_of_file_and_directory(tmp_path):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(format="tflite"), "unknown --format 'tflite'"),
+    (dict(format="tfl"), "unknown --format 'tfl'"),
+    (dict(int8_io=True), "--int8-io applies to --format tflite"),
     (dict(max_drop=float("nan")), "--max-drop must be a non-negative number"),
     (dict(threads=0), "--threads must be at least 1, got 0"),
     (dict(calib_size=0), "--calib-size must be at least 1"),

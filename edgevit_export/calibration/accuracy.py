@@ -48,13 +48,14 @@ class OrtPredictor:
         return _in_batches(lambda b: self.session.run(None, {self.input_name: b})[0], x, self.batch)
 
 
-class PtePredictor:
-    """A ``.pte`` run by ExecuTorch's runtime (its static batch, ``threads`` threads)."""
+class ArtifactPredictor:
+    """A saved artifact in its own runtime (a ``.pte`` in ExecuTorch, a ``.tflite`` in LiteRT; its
+    static batch, ``threads`` threads)."""
 
     def __init__(self, path: str | Path, threads: int = 2):
-        from ..exporters import pte
+        from ..exporters import of_artifact
 
-        self.runner = pte.load(Path(path), threads)
+        self.runner = of_artifact(path).backend().load(Path(path), threads)
         self.input_name = self.runner.inputs[0]["name"]
         self.output_name = self.runner.outputs[0]["name"]
         self.batch = self.runner.inputs[0]["shape"][0]

@@ -42,7 +42,8 @@ def render_quantize(console: Console, r) -> None:
     c = r.comparison
     ev = r.evaluation
     cand = "compressed" if r.format == "coreml" else "int8"
-    src = {"coreml": "PyTorch emulation", "pte": "ExecuTorch, the saved .pte"}.get(r.format, "onnxruntime")
+    src = {"coreml": "PyTorch emulation", "pte": "ExecuTorch, the saved .pte",
+           "tflite": "LiteRT, the saved .tflite"}.get(r.format, "onnxruntime")
     t = Table(title=f"{r.model} {r.res[0]}x{r.res[1]} — float vs {cand} ({src}) on {ev.images} images of "
                     f"{ev.source}{'' if ev.labelled else ' (no labels)'}")
     for col in ("", "float", cand, "change"):
@@ -121,7 +122,7 @@ def register(app, console, handle_errors) -> None:
                                                                   "'synthetic' for a smoke run (not for shipping)."),
         calib_size: int = typer.Option(256, "--calib-size", help="Calibration images to use."),
         method: str = typer.Option("minmax", "--method", help="Calibration: minmax | entropy | percentile (onnx); "
-                                                               "minmax | histogram (pte)."),
+                                                               "minmax | histogram (pte, tflite)."),
         per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Weight scales per output "
                                                                                  "channel (default) or per tensor."),
         reduce_range: Optional[bool] = typer.Option(None, "--reduce-range/--no-reduce-range",
@@ -140,7 +141,10 @@ def register(app, console, handle_errors) -> None:
         keep_float_max: int = typer.Option(12, "--keep-float-max", help="--keep-float auto: give up after N "
                                                                         "candidates."),
         format: str = typer.Option("onnx", "--format", "-f", help="onnx (int8 QDQ) | pte (int8 ExecuTorch, "
-                                                                  "XNNPACK) | coreml (weight compression)."),
+                                                                  "XNNPACK) | tflite (int8 LiteRT, XNNPACK) | "
+                                                                  "coreml (weight compression)."),
+        int8_io: bool = typer.Option(False, "--int8-io", help="LiteRT: int8 input and output tensors (default: "
+                                                              "float, quantized inside the model)."),
         weights_bits: Optional[int] = typer.Option(None, "--weights-bits", help="Core ML: 8 (linear int8 weights, "
                                                                                 "the default)."),
         palettize: Optional[int] = typer.Option(None, "--palettize", help="Core ML: 4 | 6 | 8-bit palettized "
@@ -151,8 +155,8 @@ def register(app, console, handle_errors) -> None:
         threads: int = typer.Option(2, "--threads", help="CPU threads for onnxruntime / PyTorch."),
         force: bool = typer.Option(False, "--force", help="Replace existing files."),
     ):
-        """Quantize (int8 QDQ ONNX, int8 ExecuTorch .pte, or Core ML weight compression) and measure what it cost
-        in accuracy."""
+        """Quantize (int8 QDQ ONNX, int8 ExecuTorch .pte, int8 LiteRT .tflite, or Core ML weight compression) and
+        measure what it cost in accuracy."""
         from .quantize import quantize
 
         if weights is None and not model.endswith(".onnx"):
@@ -168,7 +172,8 @@ def register(app, console, handle_errors) -> None:
                          eval_dir=eval_dir, labels=labels, eval_size=eval_size, max_drop=max_drop,
                          keep_float=keep_float, keep_float_max=keep_float_max, format=format,
                          weights_bits=weights_bits, palettize=palettize,
-                         sensitivity_samples=sensitivity, out=out, force=force, threads=threads, progress=bars)
+                         sensitivity_samples=sensitivity, out=out, force=force, threads=threads, int8_io=int8_io,
+                         progress=bars)
         render_quantize(console, r)
         mark = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
         console.print(f"{mark} {r.comparison.drop_label}: {r.drop:.2f} (≤ {r.max_drop:g})")

@@ -16,7 +16,7 @@ from .cpu import default_reduce_range
 METHODS = ("minmax", "entropy", "percentile", "histogram")
 ONNX_METHODS = ("minmax", "entropy", "percentile")
 PTE_METHODS = ("minmax", "histogram")        # torchao observers: MinMaxObserver, HistogramObserver
-FORMATS = ("onnx", "coreml", "pte")
+FORMATS = ("onnx", "coreml", "pte", "tflite")
 PALETTE_BITS = (4, 6, 8)
 WEIGHT_BITS = (8,)
 AUTO_MAX_STEPS = 12            # keep-float auto gives up after this many candidates
@@ -85,10 +85,11 @@ class QuantizeOptions:
     threads: int = 2
     seed: int = 0
     reduce_range_note: str = ""
+    int8_io: bool = False        # tflite: int8 inputs/outputs instead of float ones
 
     def validated(self) -> QuantizeOptions:
         if self.format not in FORMATS:
-            raise EdgeExportError(f"unknown --format '{self.format}'; use onnx, coreml or pte")
+            raise EdgeExportError(f"unknown --format '{self.format}'; use onnx, coreml, pte or tflite")
         if self.method not in METHODS:
             raise EdgeExportError(f"unknown --method '{self.method}'; use one of: {', '.join(METHODS)}")
         if self.max_drop is None or not math.isfinite(self.max_drop) or self.max_drop < 0:
@@ -101,8 +102,11 @@ class QuantizeOptions:
         at_least_one("--keep-float-max", self.keep_float_max)
         if self.format == "onnx":
             return self._validated_onnx(keep)
-        if self.format == "pte":
-            return self._validated_pte(keep)
+        if self.int8_io and self.format != "tflite":
+            raise EdgeExportError(f"--int8-io applies to --format tflite; --format {self.format} keeps float inputs "
+                                  "and outputs")
+        if self.format in ("pte", "tflite"):
+            return self._validated_pt2e(keep)
         return self._validated_coreml(keep)
 
     def _static_int8(self, methods: tuple[str, ...]) -> None:
@@ -118,11 +122,11 @@ class QuantizeOptions:
                                   "the ones the model will see) or --calib synthetic for a smoke run")
         at_least_one("--calib-size", self.calib_size)
 
-    def _validated_pte(self, keep) -> QuantizeOptions:
-        from ..exporters import pte
+    def _validated_pt2e(self, keep) -> QuantizeOptions:
+        from ..exporters import get
 
         self._static_int8(PTE_METHODS)
-        pte.validate_options()            # ExecuTorch installed, else the one-line install command
+        get(self.format).backend().validate_options()   # the runtime installed, else the one-line install command
         if self.reduce_range:
             raise EdgeExportError("--reduce-range applies to --format onnx (onnxruntime's u8s8 kernels); "
                                   "XNNPACK's int8 kernels take the full range")

@@ -178,11 +178,40 @@ def _weights(float_gm, float_nodes: dict, int8_gm) -> list[Sensitivity]:
     return out
 
 
-class _PteInt8:
-    """One int8 ExecuTorch job, stage by stage; :meth:`run` returns the result."""
+@dataclasses.dataclass(frozen=True)
+class Pt2eTarget:
+    """What differs between the runtimes a PT2E int8 program ships to: the pass pipeline it starts
+    from, its quantizer, how the converted graph becomes the artifact, and words for the result."""
 
-    def __init__(self, job: Job, step: Callback | None):
-        self.job, self.opts, self.step = job, job.opts, step
+    format: str                      # "pte" | "tflite": the pass pipeline and the artifact's format
+    title: str                       # "ExecuTorch" | "LiteRT"
+    quantizer: object                # (per_channel, method, keep: set[str]) -> a PT2E Quantizer
+    lower: object                    # (int8 GraphModule, example, path, quantizer, opts) -> facts for the manifest
+    scheme_tool: str
+    extra_passes: tuple[str, ...] = ()   # after the format's default pipeline (rewrites the int8 delegate needs)
+    fold_quantize: bool = True           # convert_pt2e: weights stored int8 (False: float + quantize, litert-torch)
+    post_convert: object = None          # GraphModule -> GraphModule, on the converted graph
+
+
+def _lower_pte(int8_gm, example, path, quantizer, opts) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program_int8 = torch.export.export(int8_gm, (example,))
+    return pte.convert(program_int8, example, path, {}, None)
+
+
+def _pte_quantizer(per_channel: bool, method: str, keep: set[str]):
+    return quantizer(per_channel, method, keep)
+
+
+PTE = Pt2eTarget("pte", "ExecuTorch", _pte_quantizer, _lower_pte, SCHEME_TOOL)
+
+
+class Pt2eInt8:
+    """One PT2E int8 job, stage by stage; :meth:`run` returns the result."""
+
+    def __init__(self, job: Job, step: Callback | None, target: Pt2eTarget = PTE):
+        self.job, self.opts, self.step, self.target = job, job.opts, step, target
         self.seconds: dict[str, float] = {}
         self.notes = [n for n in (job.target.note,) if n]
         self.staged = job.tmp / job.artifact.name
@@ -211,23 +240,24 @@ class _PteInt8:
                 with timed(self.seconds, "keep_float"):
                     steps, last = self._keep_float_auto(sens, lg, ev_src, example)
                 int8_gm = last if last is not None else int8_gm
-        emit(step, "lower to XNNPACK and write the .pte")
+        from ..exporters import get as get_format
+
+        backend = get_format(self.target.format).backend()
+        suffix = get_format(self.target.format).suffix
+        emit(step, f"convert to {self.target.title} and write the {suffix}")
         with timed(self.seconds, "lower"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                program_int8 = torch.export.export(int8_gm, (example,))
-            facts = pte.convert(program_int8, example, self.staged, {}, None)
-            structure = pte.structure(pte.describe(self.staged), {})
+            facts = self.target.lower(int8_gm, example, self.staged, self._quantizer_used, opts)
+            structure = backend.structure(backend.describe(self.staged), {})
         if not structure["passed"]:
             raise CheckFailed(f"the int8 program did not lower cleanly: {structure['summary']}")
         with timed(self.seconds, "evaluate"):
-            int8_fn = acc.PtePredictor(self.staged, threads=opts.threads)
+            int8_fn = acc.ArtifactPredictor(self.staged, threads=opts.threads)
             if lg is None:
                 lg, comparison = float_vs_quantized(float_fn, int8_fn, ev_src, ev_info, step,
-                                                    "evaluate float + int8 (.pte)")
+                                                    f"evaluate float + int8 ({suffix})")
             else:
                 lq = acc.collect_logits({"int8": int8_fn}, ev_src, progress=step,
-                                        task="evaluate int8 (.pte)")
+                                        task=f"evaluate int8 ({suffix})")
                 comparison = acc.compare(lg.values["float"], lq.values["int8"], lg.labels)
         if steps and comparison.drop > opts.max_drop:
             self.notes.append(f"--keep-float auto kept {len(self.excluded)} nodes in float over {len(steps)} steps "
@@ -238,30 +268,27 @@ class _PteInt8:
                               f"({ev_info.note.split(': ', 1)[-1]})")
         if random_init:
             self.notes.append(random_init_note(job.target.name))
-        d = facts["delegation"]
-        self.notes.append(f"{d['delegate_subgraphs']} XNNPACK delegate subgraph"
-                          f"{'s' if d['delegate_subgraphs'] != 1 else ''}, {d['nodes_portable']} nodes on portable "
-                          f"kernels; {100 * d['mac_share_delegated']:.1f}% of MACs inside delegates")
+        self.notes.append(structure["summary"])
         if steps:
             self.notes.append("keep-float steps were measured on PyTorch's emulation of the int8 program; the "
-                              "final figures are the saved .pte's in ExecuTorch")
+                              f"final figures are the saved {suffix}'s in {self.target.title}")
         scheme = ("int8 PT2E: int8 asymmetric activations, int8 symmetric "
                   f"{'per-channel' if opts.per_channel else 'per-tensor'} weights; concatenations and "
                   "decomposed norm statistics in fp32")
         sizes = {"float_bytes": _weight_bytes(self.float_gm), "int8_bytes": facts["bytes"]}
         calib_info, calib_notes = calibration_info(job)
         self.notes += calib_notes
-        res = QuantizeResult(job.target.name, "pte", job.target.hw, job.artifact, job.manifest_path, {}, scheme,
+        res = QuantizeResult(job.target.name, self.target.format, job.target.hw, job.artifact, job.manifest_path, {}, scheme,
                              opts.method, calib_info, ev_info, comparison, baseline, opts.max_drop, self.excluded,
                              steps, sens, self.notes, sizes, self.seconds)
         float_facts = {"weights": opts.weights, "random_init": random_init, "io": facts["io"]}
-        res.manifest = manifest(res, job.target, float_facts, opts, opts.per_channel, self.staged, SCHEME_TOOL,
+        res.manifest = manifest(res, job.target, float_facts, opts, opts.per_channel, self.staged, self.target.scheme_tool,
                                 extra={"backend": {k: v for k, v in facts.items() if k != "io"},
                                        "checks": {"structure": structure}})
         return res
 
     def _float_program(self):
-        """The model and its rewritten float program (the pte pipeline, checked pass by pass)."""
+        """The model and its rewritten float program (the format's pipeline, checked pass by pass)."""
         from .. import api
         from ..passes.base import PassContext
         from ..passes.pipeline import resolve_passes, run_passes
@@ -272,7 +299,8 @@ class _PteInt8:
         example = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
         emit(step, "capture (torch.export)")
         ep = api.capture(model, example)
-        pipe = run_passes(ep, resolve_passes("default", "pte", tensor_input=True),
+        names = resolve_passes("default", self.target.format, tensor_input=True) + list(self.target.extra_passes)
+        pipe = run_passes(ep, names,
                           PassContext((example,), mean=info.mean, std=info.std), progress=step)
         refused = [p for p in pipe.passes if p.refused]
         for p in refused:
@@ -283,11 +311,11 @@ class _PteInt8:
         """prepare_pt2e → calibrate → convert_pt2e on a copy of the float graph."""
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        emit(self.step, "quantize (PT2E, XNNPACKQuantizer)")
+        emit(self.step, f"quantize (PT2E, {self.target.title}'s quantizer)")
         with warnings.catch_warnings():   # torch's pytree deprecations, once per copied graph
             warnings.simplefilter("ignore")
-            prepared = prepare_pt2e(copy.deepcopy(self.float_gm),
-                                    quantizer(self.opts.per_channel, self.opts.method, set(self.excluded)))
+            self._quantizer_used = self.target.quantizer(self.opts.per_channel, self.opts.method, set(self.excluded))
+            prepared = prepare_pt2e(copy.deepcopy(self.float_gm), self._quantizer_used)
             n = 0
             with torch.no_grad():
                 for x in self._calibration_images():
@@ -295,7 +323,8 @@ class _PteInt8:
                     n += 1
             if n == 0:
                 raise no_calibration_images(self.job.calib_src)
-            return convert_pt2e(prepared)
+            converted = convert_pt2e(prepared, fold_quantize=self.target.fold_quantize)
+            return self.target.post_convert(converted) if self.target.post_convert else converted
 
     def _calibration_images(self):
         """The calibration images, with a bar; kept in memory after the first pass when small."""
@@ -343,4 +372,4 @@ def quantize_pte(job: Job, step: Callback | None) -> QuantizeResult:
     """Int8 ExecuTorch of ``job``, staged in ``job.tmp``."""
     if job.target.kind != "model":
         raise EdgeExportError("--format pte needs a model name (and --weights), not an .onnx file")
-    return _PteInt8(job, step).run()
+    return Pt2eInt8(job, step, PTE).run()

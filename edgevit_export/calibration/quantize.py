@@ -24,6 +24,7 @@ from .evaluation import evaluation_set
 from .options import AUTO_MAX_STEPS, QuantizeOptions
 from .ort_int8 import quantize_onnx
 from .pte_int8 import quantize_pte
+from .tflite_int8 import quantize_tflite
 from .results import Job, QuantizeResult, manifest_json
 from .target import resolve_target
 
@@ -53,7 +54,7 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
              format: str = "onnx",
              weights_bits: int | None = None, palettize: int | None = None, sensitivity_samples: int = 8,
              out: str | Path = "exports", force: bool = False, threads: int = 2, seed: int = 0,
-             progress: Callback | None = None) -> QuantizeResult:
+             int8_io: bool = False, progress: Callback | None = None) -> QuantizeResult:
     """Quantize ``model`` (a zoo name, or an .onnx file) and measure what it cost.
 
     ``progress`` receives :class:`~edgevit_export.progress.Event`: counted tasks ("calibrate",
@@ -67,7 +68,7 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
                            eval_size=eval_size, max_drop=max_drop, keep_float=keep_float,
                            keep_float_max=keep_float_max, format=format, weights_bits=weights_bits,
                            palettize=palettize, sensitivity_samples=sensitivity_samples, out=out, force=force,
-                           threads=threads, seed=seed).validated()
+                           threads=threads, seed=seed, int8_io=int8_io).validated()
     # what to quantize, on which data
     target = resolve_target(model, opts.res, opts.weights)
     if opts.format != "onnx" and target.kind != "model":
@@ -80,8 +81,9 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
     base = f"{target.name}-{artifacts.res_tag(target.hw)}" if target.kind == "model" else target.name
     if opts.format == "onnx":
         artifact, manifest_path = out_dir / f"{base}.int8.onnx", out_dir / f"{base}.int8.json"
-    elif opts.format == "pte":
-        artifact, manifest_path = out_dir / f"{base}.int8.pte", out_dir / f"{base}.int8.pte.json"
+    elif opts.format in ("pte", "tflite"):
+        suffix = f".{opts.format}"
+        artifact, manifest_path = out_dir / f"{base}.int8{suffix}", out_dir / f"{base}.int8{suffix}.json"
     else:
         suffix = f"w{opts.weights_bits}" if opts.weights_bits else f"pal{opts.palettize}"
         artifact, manifest_path = out_dir / f"{base}.{suffix}.mlpackage", out_dir / f"{base}.{suffix}.coreml.json"
@@ -89,7 +91,8 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
 
     with artifacts.staging(out_dir) as tmp, _quiet():
         job = Job(target, opts, calib_src, calib_scan, eval_set, tmp, artifact, manifest_path)
-        result = {"onnx": quantize_onnx, "pte": quantize_pte, "coreml": compress_coreml}[opts.format](job, progress)
+        result = {"onnx": quantize_onnx, "pte": quantize_pte, "tflite": quantize_tflite,
+                  "coreml": compress_coreml}[opts.format](job, progress)
         result.seconds["total"] = time.perf_counter() - t0
         result.manifest["seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
         staged_manifest = tmp / manifest_path.name

@@ -120,8 +120,13 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
             meta=None) -> dict:
     """Convert ``program`` with litert-torch and write the ``.tflite`` to ``path``; returns facts
     for the manifest."""
+    return convert_module(program.module(), example, path, options)
+
+
+def convert_module(module: torch.nn.Module, example: torch.Tensor, path: Path, options: dict,
+                   quant_config=None) -> dict:
+    """Convert a graph module (a program's, or a PT2E-converted int8 one with its ``quant_config``)."""
     litert_torch = _converter()
-    module = program.module()
     x = example
     if options.get("layout") == "nhwc":
         module = litert_torch.to_channel_last_io(module, args=[0])
@@ -131,7 +136,7 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_native():
             warnings.simplefilter("ignore")
-            model = litert_torch.convert(wrapped, sample_kwargs={INPUT_NAME: x})
+            model = litert_torch.convert(wrapped, sample_kwargs={INPUT_NAME: x}, quant_config=quant_config)
             model.export(str(path))
     except EdgeExportError:
         raise

@@ -23,6 +23,7 @@ from .fold_batchnorm import FoldBatchNorm
 from .float_scalars import FloatScalars
 from .fold_constants import FoldConstants
 from .grid_sample_gather import GridSampleGather
+from .hardswish_as_relu6 import HardswishAsRelu6
 from .linear_to_conv import LinearToConv
 from .matmul_as_einsum import MatmulAsEinsum
 from .matmul_to_bmm import MatmulToBmm
@@ -53,7 +54,7 @@ PASSES: dict[str, Pass] = {p.name: p for p in (
     StaticShapes(), FoldConstants(), FoldBatchNorm(), RankLe5(), CancelReshapes(), LinearToConv(), NormalizeInput(),
     SplitToSlices(), MatmulToBmm(), DecomposeNorms(), MeanAsGemm(), FloatScalars(),
     ViewsAsReshape(), SoftmaxRows(), BatchNormAsAffine(), MatmulAsEinsum(),
-    GridSampleGather(), TokenMaps())}
+    GridSampleGather(), TokenMaps(), HardswishAsRelu6())}
 
 
 
