@@ -77,6 +77,7 @@ def test_int8_tflite_runs_and_agrees_with_float(trained, tflite_int8):
     assert not np.allclose(q, ref, atol=1e-4)      # it is int8: not the float program again
 
 
+@pytest.mark.slow
 def test_int8_io_takes_and_gives_int8_tensors(trained, tmp_path):
     from edgevit_export.calibration import accuracy as acc
     from edgevit_export.exporters import tflite
@@ -107,3 +108,55 @@ def test_tflite_quantize_bad_input_is_one_line(cli, trained, tmp_path, monkeypat
         monkeypatch.setitem(sys.modules, mod, None)
     res = cli(*base, "--format", "tflite")
     assert res.exit_code == 2 and "pip install" in res.output and "Traceback" not in res.output
+
+
+class HardSwishBlock(torch.nn.Module):
+    """MobileNetV3's shapes: conv → hard-swish → conv, a hard-sigmoid gate, a residual."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.act = torch.nn.Hardswish(inplace=True)
+        self.se = torch.nn.Conv2d(c, c, 1)
+        self.gate = torch.nn.Hardsigmoid()
+        self.out = torch.nn.Conv2d(c, c, 1)
+        self.act2 = torch.nn.Hardswish(inplace=True)
+        self.last = torch.nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.se(self.act(self.conv(x)))
+        y = y * self.gate(y)
+        return self.last(self.act2(self.out(y) + x))
+
+
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_hardswish_as_relu6_keeps_int8_hardswish_inside_xnnpack(tmp_path, rewrite):
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from edgevit_export.calibration import tflite_int8
+    from edgevit_export.exporters import tflite
+    from edgevit_export.passes import PassContext, run_passes
+
+    x = torch.randn(1, 16, 8, 8)
+    m = HardSwishBlock().eval()
+    names = ["static_shapes"] + (["hardswish_as_relu6"] if rewrite else [])   # re-exported, as export does
+    pipe = run_passes(torch.export.export(m, (x,)), names, PassContext((x,)))
+    assert not [p.refused for p in pipe.passes if p.refused]          # the rewrite is proven exact in fp32
+    q = tflite_int8.quantizer(True, "minmax", set())
+    prepared = prepare_pt2e(pipe.program.module(), q)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        prepared(torch.randn(1, 16, 8, 8, generator=g))
+    gm = tflite_int8.fold_relu_into_quantize(convert_pt2e(prepared, fold_quantize=False))
+    path = tmp_path / "m.tflite"
+    opts = SimpleNamespace(int8_io=False)
+    tflite_int8.lower(gm, x, path, q, opts)
+    d = tflite.describe(path)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    out = tflite.load(path)({"images": x.numpy()})["logits"]
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 0.1          # int8, but the same function
+    if rewrite:
+        assert d["delegation"]["ops_outside"] == 0 and "HARD_SWISH" not in d["ops"], d["delegation"]
+    else:                                                              # what the rewrite is for
+        assert d["delegation"]["outside_by_op"].get("HARD_SWISH", 0) >= 1, d["delegation"]

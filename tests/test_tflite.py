@@ -179,3 +179,36 @@ def test_grid_sample_gather_and_token_maps_take_the_sampling_into_xnnpack(tmp_pa
     assert after["transposes"] < plain["transposes"]
     for y in (y0, y1):
         assert np.abs(y - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+class SparseSampling(nn.Module):
+    """EdgeViT's global sparse attention resampling: every r-th pixel (AvgPool2d(1, r)), then local
+    propagation back by a depthwise transposed conv with kernel = stride = r."""
+
+    def __init__(self, c=16, r=2):
+        super().__init__()
+        self.sampler = nn.AvgPool2d(1, r)
+        self.prop = nn.ConvTranspose2d(c, c, r, stride=r, groups=c)
+
+    def forward(self, x):
+        return self.prop(self.sampler(x).sigmoid())
+
+
+def test_deconv_as_shuffle_takes_edgevits_resampling_into_xnnpack(tmp_path):
+    x = torch.randn(1, 16, 8, 8)
+    m = SparseSampling().eval()
+    with torch.no_grad():
+        ref = m(x).numpy()
+    facts = {}
+    for passes in ([], ["deconv_as_shuffle"]):
+        pipe = run_passes(torch.export.export(m, (x,)), passes, PassContext((x,)))
+        assert not [p.refused for p in pipe.passes if p.refused]
+        path = tmp_path / f"e{len(passes)}.tflite"
+        tflite.convert(pipe.program, x, path, {"layout": "nchw"})
+        facts[len(passes)] = tflite.describe(path)
+        y = tflite.load(path)({"images": x.numpy()})["logits"]
+        assert np.abs(y - ref).max() / np.abs(ref).max() <= 1e-5
+    plain, after = facts[0]["delegation"], facts[1]["delegation"]
+    assert {"CONCATENATION", "AVERAGE_POOL_2D"} <= set(plain["outside_by_op"])     # 16 TRANSPOSE_CONVs joined
+    assert after["ops_outside"] == 0 and after["delegate_partitions"] == 1, after
+    assert "TRANSPOSE_CONV" not in facts[1]["ops"] and facts[1]["nodes"] < facts[0]["nodes"] / 3

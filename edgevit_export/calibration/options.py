@@ -100,11 +100,11 @@ class QuantizeOptions:
             raise EdgeExportError(f"--sensitivity must be 0 or more images, got {self.sensitivity_samples}")
         keep = parse_keep_float(self.keep_float)
         at_least_one("--keep-float-max", self.keep_float_max)
-        if self.format == "onnx":
-            return self._validated_onnx(keep)
         if self.int8_io and self.format != "tflite":
             raise EdgeExportError(f"--int8-io applies to --format tflite; --format {self.format} keeps float inputs "
                                   "and outputs")
+        if self.format == "onnx":
+            return self._validated_onnx(keep)
         if self.format in ("pte", "tflite"):
             return self._validated_pt2e(keep)
         return self._validated_coreml(keep)

@@ -9,7 +9,9 @@ it knows the format:
 - ``load(path) -> Runner``: ``runner(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]``,
   with ``runner.inputs`` / ``runner.outputs`` (name, shape, dtype, kind) and
   ``runner.numeric(inputs)``: the outputs that PyTorch's model also computes (logits, feature maps),
-  which is what parity compares — a classifier's probabilities and label come from them;
+  which is what parity compares — a classifier's probabilities and label come from them; runtimes
+  that ``bench`` times through the Runner (ExecuTorch, LiteRT) add ``runner.prepared(inputs)``, the
+  zero-argument call with the inputs already set, which is what a latency measurement times;
 - ``describe(path) -> dict``: structural facts (op counts by type, max rank, dtypes, static shapes);
 - ``structure(facts, options) -> dict``: the format's structural check on those facts;
 - ``gate(options, trained) -> Gate``: what parity is held to.
@@ -57,8 +59,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
             "matmul_to_bmm", "decompose_norms", "mean_as_gemm", "float_scalars",
             "views_as_reshape", "softmax_rows")),
     Format("tflite", "edgevit_export.exporters.tflite", ".tflite", ".tflite", "LiteRT",
-           ("static_shapes", "fold_batchnorm", "rank_le5", "cancel_reshapes", "grid_sample_gather", "token_maps",
-            "matmul_as_einsum")),
+           ("static_shapes", "fold_batchnorm", "rank_le5", "cancel_reshapes", "grid_sample_gather", "deconv_as_shuffle",
+            "token_maps", "matmul_as_einsum")),
 )}
 
 

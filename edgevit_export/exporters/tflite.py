@@ -202,23 +202,34 @@ def delegation(it) -> dict:
             "why_outside": {op: WHY.get(op, "XNNPACK does not take it") for op in outside}}
 
 
+def _io(it) -> tuple[list[dict], list[dict]]:
+    """The interpreter's inputs and outputs as specs, under the signature's names (``images``,
+    ``logits``), in the interpreter's order, each with its tensor ``index``. An (N, H, W, 3) input
+    is an NHWC one (``--layout nhwc``)."""
+    sig = it.get_signature_list().get("serving_default", {})
+    ins, outs = it.get_input_details(), it.get_output_details()
+    shape = ins[0]["shape"]
+    layout = "nhwc" if len(shape) == 4 and shape[-1] == 3 and shape[1] != 3 else "nchw"
+    in_specs = [dict(_spec(d, n, layout), index=int(d["index"]))
+                for d, n in zip(ins, _ordered(ins, sig.get("inputs") or [INPUT_NAME]))]
+    out_specs = [dict(_spec(d, n), index=int(d["index"]))
+                 for d, n in zip(outs, _ordered(outs, sig.get("outputs") or [OUTPUT_NAME]))]
+    return in_specs, out_specs
+
+
 def describe(path: Path) -> dict:
     """From the ``.tflite`` in the interpreter: ops by type, the delegation, the TRANSPOSE count,
     inputs and outputs (with quantization), tensor ranks and whether every shape is static."""
     it = _interpreter(path, 1)
     ops = collections.Counter(o["op_name"] for o in it._get_ops_details() if o["op_name"] != DELEGATE_OP)
-    sig = it.get_signature_list().get("serving_default", {})
-    ins, outs = it.get_input_details(), it.get_output_details()
-    in_names = sig.get("inputs") or [INPUT_NAME if i == 0 else f"input_{i}" for i in range(len(ins))]
-    out_names = sig.get("outputs") or [OUTPUT_NAME if i == 0 else f"output_{i}" for i in range(len(outs))]
-    layout = "nhwc" if len(ins[0]["shape"]) == 4 and ins[0]["shape"][-1] == 3 and ins[0]["shape"][1] != 3 else "nchw"
+    ins, outs = _io(it)
     tensors = it.get_tensor_details()
     dynamic = sum(1 for t in tensors if len(t["shape_signature"]) and (t["shape_signature"] < 0).any())
+    strip = lambda specs: [{k: v for k, v in d.items() if k != "index"} for d in specs]  # noqa: E731
     return {"ops": dict(ops.most_common()), "nodes": sum(ops.values()), "delegation": delegation(it),
             "transposes": ops.get("TRANSPOSE", 0), "dynamic": dynamic,
             "max_rank": max((len(t["shape"]) for t in tensors), default=0),
-            "io_spec": {"inputs": [_spec(d, n, layout) for d, n in zip(ins, _ordered(ins, in_names))],
-                        "outputs": [_spec(d, n) for d, n in zip(outs, _ordered(outs, out_names))]}}
+            "io_spec": {"inputs": strip(ins), "outputs": strip(outs)}}
 
 
 def _ordered(details: list[dict], names: list[str]) -> list[str]:
@@ -266,16 +277,11 @@ class TfliteRunner:
     def __init__(self, path: Path, threads: int = 2):
         self.path = Path(path)
         self.interpreter = _interpreter(self.path, threads)
-        facts_ins, facts_outs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
-        sig = self.interpreter.get_signature_list().get("serving_default", {})
-        ins = _ordered(facts_ins, sig.get("inputs") or [INPUT_NAME])
-        outs = _ordered(facts_outs, sig.get("outputs") or [OUTPUT_NAME])
-        shape = facts_ins[0]["shape"]
-        layout = "nhwc" if len(shape) == 4 and shape[-1] == 3 and shape[1] != 3 else "nchw"
-        self.inputs = [_spec(d, n, layout) for d, n in zip(facts_ins, ins)]
-        self.outputs = [_spec(d, n) for d, n in zip(facts_outs, outs)]
-        self._in = [(d["index"], s) for d, s in zip(facts_ins, self.inputs)]
-        self._out = [(d["index"], s) for d, s in zip(facts_outs, self.outputs)]
+        ins, outs = _io(self.interpreter)
+        self._in = [(d.pop("index"), d) for d in ins]
+        self._out = [(d.pop("index"), d) for d in outs]
+        self.inputs = [d for _, d in self._in]
+        self.outputs = [d for _, d in self._out]
         self.classifier = False
         self.labels = None
         self.runtime = f"LiteRT {_version()} interpreter (XNNPACK delegate), {threads} threads"

@@ -18,6 +18,7 @@ from ..progress import Callback, emit
 from .base import GraphStats, Pass, PassContext, PassRefused, annotate, finish, graph_stats, rel_err
 from .batchnorm_as_affine import BatchNormAsAffine
 from .cancel_reshapes import CancelReshapes
+from .deconv_as_shuffle import DeconvAsShuffle
 from .decompose_norms import DecomposeNorms
 from .fold_batchnorm import FoldBatchNorm
 from .float_scalars import FloatScalars
@@ -54,7 +55,7 @@ PASSES: dict[str, Pass] = {p.name: p for p in (
     StaticShapes(), FoldConstants(), FoldBatchNorm(), RankLe5(), CancelReshapes(), LinearToConv(), NormalizeInput(),
     SplitToSlices(), MatmulToBmm(), DecomposeNorms(), MeanAsGemm(), FloatScalars(),
     ViewsAsReshape(), SoftmaxRows(), BatchNormAsAffine(), MatmulAsEinsum(),
-    GridSampleGather(), TokenMaps(), HardswishAsRelu6())}
+    GridSampleGather(), TokenMaps(), HardswishAsRelu6(), DeconvAsShuffle())}
 
 
 
