@@ -33,6 +33,7 @@ def pte_int8(trained, tmp_path_factory):
                            manifest=json.loads(path.read_text()) if path.exists() else None)
 
 
+@pytest.mark.slow   # ~110 s (the lowering of a Q/DQ graph); the shared PT2E job runs fast in test_quantize_tflite
 def test_int8_pte_keeps_accuracy_in_one_xnnpack_delegate(trained, pte_int8):
     assert pte_int8.res.exit_code == 0, pte_int8.res.output
     m = pte_int8.manifest
@@ -50,6 +51,7 @@ def test_int8_pte_keeps_accuracy_in_one_xnnpack_delegate(trained, pte_int8):
     assert any(s["op_type"] == "conv2d" for s in m["sensitivity"] if s["kind"] == "weight")
 
 
+@pytest.mark.slow
 def test_int8_pte_runs_and_agrees_with_float(trained, pte_int8):
     """The saved .pte in ExecuTorch against the float model, image by image."""
     from edgevit_export import api

@@ -5,6 +5,7 @@ in LiteRT's interpreter."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from types import SimpleNamespace
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("litert_torch")
+if importlib.util.find_spec("litert_torch") is None:
+    pytest.skip("litert-torch is not installed", allow_module_level=True)
 
 THREADS = "1"
 

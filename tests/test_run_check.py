@@ -99,6 +99,7 @@ def _bump_largest_weight(blob):
     blob.write_bytes(bytes(data))
 
 
+@pytest.mark.slow   # the golden-file check runs fast in every format's tests
 def test_check_with_weights_recomputes_pytorch(tmp_path, cli):
     _, _, model, _ = api.prepare_model("shvit_s1", 64, None, None)
     ckpt = tmp_path / "s1.pth"
@@ -191,6 +192,7 @@ def test_a_new_format_is_one_module_and_one_registration(monkeypatch, tmp_path):
     assert api.check(r.artifact).passed and api.load(r.artifact).runtime == "torch.export.load"
 
 
+@pytest.mark.slow
 def test_run_agrees_between_onnx_and_coreml_on_trained_weights(trained, tmp_path):
     """The shapes demo (SHViT-S1 trained on drawn shapes): both artifacts name the drawn class
     and agree on the probabilities (the Core ML package in fp16 through the reference runner)."""
