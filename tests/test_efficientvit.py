@@ -291,6 +291,7 @@ def _export_and_check_onnx(model: torch.nn.Module, res: int, tmp_path) -> torch.
     return ep
 
 
+@pytest.mark.slow   # the zoo's 512 exports are benchmarks/parity_sweep.py's; rank and static shapes run at 64 in the fast tier
 def test_export_at_512_is_static_rank5_and_onnx_matches(m0_live, tmp_path):
     # 512: stage maps 32, 16, 8 -> padded 7x7 windows (35, 21) and four 4x4 windows.
     _export_and_check_onnx(m0_live, 512, tmp_path)

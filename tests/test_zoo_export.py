@@ -60,9 +60,9 @@ def test_one_model_per_family_coreml(name, res, tmp_path):
 
 def _fp32_cases():
     """Every family's fp32 program in the runner, in the fast tier except LITv2 and MobileNetV3,
-    whose fp16 programs run in the runner above."""
-    return [pytest.param(*m, marks=pytest.mark.slow) if m[0].startswith(("litv2", "mobilenetv3")) else m
-            for m in _family_representatives()]
+    whose fp16 programs run in the runner above, and EfficientViT (17 s; its ONNX runs above)."""
+    return [pytest.param(*m, marks=pytest.mark.slow) if m[0].startswith(("litv2", "mobilenetv3", "efficientvit"))
+            else m for m in _family_representatives()]
 
 
 @pytest.mark.parametrize("name, res", _fp32_cases())
