@@ -22,7 +22,13 @@ from .base import Pass, PassContext, add_constant, aten, constant_value, replace
 
 
 def _ints(v, n=2) -> list[int]:
-    return list(v) * n if isinstance(v, int) else [int(d) for d in v] if len(v) == n else list(v) * n
+    """An int or a list of ints as a list of ``n`` (``2`` and ``[2]`` are ``[2, 2]``)."""
+    v = [v] if isinstance(v, int) else [int(d) for d in v]
+    return v * n if len(v) == 1 else v
+
+
+def _arg(n: fx.Node, i: int, default):
+    return n.args[i] if len(n.args) > i and n.args[i] is not None else default
 
 
 class DeconvAsShuffle(Pass):
@@ -43,8 +49,9 @@ class DeconvAsShuffle(Pass):
 
     def _deconv(self, gm, n) -> int:
         x, w_node = n.args[:2]
-        bias = n.args[2] if len(n.args) > 2 else None
-        stride, padding, out_pad, groups, dilation = (list(n.args[3:8]) + [[1, 1], [0, 0], [0, 0], 1, [1, 1]][len(n.args) - 3:])[:5]
+        bias = _arg(n, 2, None)   # conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+        stride, padding, out_pad = _arg(n, 3, 1), _arg(n, 4, 0), _arg(n, 5, 0)
+        groups, dilation = _arg(n, 6, 1), _arg(n, 7, 1)
         w, sx = constant_value(gm, w_node), shape(x)
         if w is None or sx is None or w.dim() != 4:
             return 0
@@ -64,9 +71,8 @@ class DeconvAsShuffle(Pass):
 
     def _subsample(self, gm, n) -> int:
         x, kernel = n.args[:2]
-        stride = n.args[2] if len(n.args) > 2 and n.args[2] else kernel
-        padding = n.args[3] if len(n.args) > 3 else [0, 0]
-        ceil = n.args[4] if len(n.args) > 4 else False
+        stride = _arg(n, 2, None) or kernel   # avg_pool2d(input, kernel, stride=[] (= kernel), padding, ceil_mode, …)
+        padding, ceil = _arg(n, 3, 0), _arg(n, 4, False)
         sx = shape(x)
         if sx is None or len(sx) != 4 or _ints(kernel) != [1, 1] or any(_ints(padding)) or ceil:
             return 0
