@@ -6,13 +6,13 @@ import datetime as _dt
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .calibration.data import CROP_PCT
+from .calibration.data import Preprocess, PreprocessOverrides
 from .errors import CannotRun, CheckFailed, EdgeExportError
 from .exporters.check import Gate, as_nchw, judge, raw_scale, reference_input, seeded_feeds, torch_outputs, write_golden
 from .measure import count_macs, count_params, skeleton
@@ -56,15 +56,19 @@ def _tool_versions() -> dict:
     return out
 
 
-def prepare_model(name: str, res, weights: str | None, distilled: bool | None, seed: int = 0):
-    """Resolve a name, resolution and weights into (info, (h, w), eval model, random_init)."""
+def prepare_model(name: str, res, weights: str | None, distilled: bool | None, seed: int = 0,
+                  mean=None, std=None):
+    """Resolve a name, resolution and weights into (info, (h, w), eval model, random_init).
+    ``mean``/``std``: the normalisation the inputs will have (default: the model's), for the
+    BatchNorm statistics of a randomly initialised model."""
     info = get_model_info(name)
     hw = parse_resolution(res, info)
     model = create_model(name, weights=weights, distilled=distilled, seed=seed)
     if weights is None:
         randomize_norm_stats(model, seed)
         d = info.default_res  # calibrate at the export size, or the default one if that is larger (cost)
-        calibrate_norm_stats(model, hw if hw[0] * hw[1] <= d * d else (d, d), seed, info.mean, info.std)
+        calibrate_norm_stats(model, hw if hw[0] * hw[1] <= d * d else (d, d), seed,
+                             info.mean if mean is None else mean, info.std if std is None else std)
     if hasattr(model, "prepare_for_export"):
         model.prepare_for_export()
     return info, hw, model.eval(), weights is None
@@ -96,10 +100,20 @@ def export(
     labels: str | Path | None = None,
     logits: bool = False,
     layout: str = "nchw",
+    crop_pct: float | str | None = None,
+    interpolation: str | None = None,
+    mean: str | tuple[float, float, float] | None = None,
+    std: str | tuple[float, float, float] | None = None,
     progress: Callback | None = None,
 ) -> ExportResult:
     """Capture → passes → ``format.convert`` → ``format.load`` → parity + structure, one model at one
     resolution.
+
+    The manifest records the eval transform an app must apply ("preprocess": the model's own
+    crop_pct, interpolation, mean/std, or ``crop_pct``/``interpolation``/``mean``/``std`` given here
+    for a model trained with other transforms). ``mean``/``std`` also set what the artifact expects:
+    the normalisation ``normalize_input`` bakes into the graph (Core ML's image input) and the one
+    the manifest's "normalization" states.
 
     Writes ``OUT/MODEL-RES<suffix>``, its manifest and its golden file atomically (or ``output``
     and siblings). Bad input raises EdgeExportError before anything is written; a failed check is
@@ -111,6 +125,7 @@ def export(
     from .exporters import artifacts
 
     fmt = exporters.get(format)
+    overrides = PreprocessOverrides.parse(crop_pct, interpolation, mean, std)
     backend = fmt.backend()
     if batch < 1:
         raise EdgeExportError(f"--batch must be at least 1, got {batch}")
@@ -121,6 +136,7 @@ def export(
         pass_names.append("normalize_input")  # an image input takes raw pixels: part of the input contract
     info = get_model_info(name)
     hw = parse_resolution(res, info)
+    pre = Preprocess.of_model(info, hw, overrides)
     if output is not None:
         artifact = Path(output).expanduser()
         out_dir = artifacts.check_out_dir(artifact.parent)
@@ -133,7 +149,7 @@ def export(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     emit(progress, "build model")
-    info, hw, model, random_init = prepare_model(name, hw, weights, distilled)
+    info, hw, model, random_init = prepare_model(name, hw, weights, distilled, mean=pre.mean, std=pre.std)
     example = torch.randn(batch, 3, *hw, generator=torch.Generator().manual_seed(0))
     num_classes = _num_classes(model, example)
     given = options.get("labels")
@@ -145,7 +161,7 @@ def export(
     timings["capture"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    ctx = PassContext((example,), mean=info.mean, std=info.std)
+    ctx = PassContext((example,), mean=pre.mean, std=pre.std)
     pipe = run_passes(ep, pass_names, ctx, progress=progress)
     timings["passes"] = time.perf_counter() - t
     if fmt.max_rank and pipe.after.max_rank > fmt.max_rank:
@@ -154,11 +170,13 @@ def export(
     if contract:  # the image input would reach the network unnormalised: never ship that
         raise CheckFailed(f"normalize_input could not be proven exact on this network ({contract[0].refused}); "
                           f"nothing was written — export with --tensor-input and normalise in the app")
-    normalization = {"mean": list(info.mean), "std": list(info.std), "in_graph": pipe.raw_input,
+    normalization = {"mean": list(pre.mean), "std": list(pre.std), "in_graph": pipe.raw_input,
                      "input_range": f"0-{pipe.input_scale:g}" if pipe.raw_input else "normalized",
                      "layout": options.get("layout", "nchw")}
-    meta = exporters.Meta(name, info.family, info.paper, hw, count_params(model), info.mean, info.std,
-                          [p.name for p in pipe.passes], num_classes)
+    if pipe.raw_input:
+        pre = replace(pre, raw_scale=pipe.input_scale)     # the app feeds raw pixels; the graph normalises
+    meta = exporters.Meta(name, info.family, info.paper, hw, count_params(model), pre.mean, pre.std,
+                          [p.name for p in pipe.passes], num_classes, pre.describe())
 
     checks: dict[str, dict] = {}
     golden_kept = 0
@@ -204,8 +222,7 @@ def export(
             "params": meta.params,
             "macs": count_macs(model, hw, batch),
             "normalization": normalization,
-            "preprocess": {"resize": "shorter side to res / crop_pct", "crop_pct": CROP_PCT,
-                           "interpolation": "bicubic", "crop": "center"},
+            "preprocess": pre.as_dict(),
             "io": facts.pop("io"),
             "passes": [p.as_dict() for p in pipe.passes],
             "pass_tolerance": pipe.tolerance,
@@ -385,17 +402,21 @@ class RunReport:
 
 
 def run(artifact: str | Path, *, images: list[str | Path] | None = None, top: int = 5,
+        crop_pct: float | str | None = None, interpolation: str | None = None,
+        mean: str | tuple[float, float, float] | None = None, std: str | tuple[float, float, float] | None = None,
         progress: Callback | None = None) -> RunReport:
-    """Run an artifact on image files (with the preprocessing its manifest records) or, without
-    images, on one seeded input; the top-k labels with probabilities, and each output's statistics."""
+    """Run an artifact on image files (with the preprocessing its manifest records, or
+    ``crop_pct``/``interpolation``/``mean``/``std`` given here) or, without images, on one seeded
+    input; the top-k labels with probabilities, and each output's statistics."""
     import numpy as np
 
     from . import exporters
-    from .calibration.data import CorruptImage, Preprocess, load_image
+    from .calibration.data import CorruptImage, load_image
     from .exporters.coreml import imagenet_labels
 
     if top < 1:
         raise EdgeExportError(f"--top must be at least 1, got {top}")
+    overrides = PreprocessOverrides.parse(crop_pct, interpolation, mean, std)
     path = Path(artifact).expanduser()
     fmt = exporters.of_artifact(path)
     manifest = _read_manifest(path, fmt, required=False) or {}
@@ -411,8 +432,10 @@ def run(artifact: str | Path, *, images: list[str | Path] | None = None, top: in
     norm = manifest.get("normalization") or {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                                               "in_graph": spec.get("kind") == "image", "input_range": "0-255"}
     raw = raw_scale(norm)
-    crop = (manifest.get("preprocess") or {}).get("crop_pct", CROP_PCT)
-    pre = Preprocess(hw, tuple(norm["mean"]), tuple(norm["std"]), crop_pct=crop, raw_scale=raw)
+    if raw is not None and overrides.normalization:
+        raise EdgeExportError(f"{path.name} normalises inside its graph (mean {norm.get('mean')} std "
+                              f"{norm.get('std')}); --mean/--std cannot change that: re-export it with --mean/--std")
+    pre = Preprocess.from_manifest({**manifest, "normalization": norm}, hw, raw_scale=raw, overrides=overrides)
     samples: list[tuple[str, np.ndarray]] = []
     for f in files:
         try:

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .calibration.data import OVERRIDE_HELP as PRE_HELP
 from .errors import CheckFailed, EdgeExportError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -107,8 +108,14 @@ def info(
     console.print(f"input {r.res[0]}×{r.res[1]} · params {s.params / 1e6:.2f} M · MACs {s.macs / 1e6:,.1f} M"
                   f" (paper at {s.default_res}: {_fmt_m(s.paper_params_m)} M params, "
                   f"{_fmt_m(s.paper_macs_m, 0)} MMACs, top-1 {_fmt_m(s.paper_top1)})")
+    from .calibration.data import Preprocess
+
     console.print(f"takes H, W multiples of {r.info.res_multiple}, at least {r.info.min_res}; "
                   f"normalisation mean {r.info.mean} std {r.info.std}")
+    console.print(f"eval transform (quantize, evaluate, run): {Preprocess.of_model(r.info, r.res).describe()}",
+                  highlight=False)
+    if r.info.preprocess_source:
+        console.print(f"  source: {r.info.preprocess_source}", highlight=False)
     if s.params_note:
         delta = s.params / 1e6 / s.paper_params_m - 1
         console.print(f"params vs paper: {delta:+.1%} — {s.params_note}")
@@ -142,6 +149,12 @@ def export(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Core ML: class names, one per line."),
     logits: bool = typer.Option(False, "--logits", help="Core ML: raw logits output instead of a classifier."),
     layout: str = typer.Option("nchw", "--layout", help="LiteRT: input layout nchw (PyTorch's) | nhwc (an interleaved camera/bitmap buffer)."),
+    crop_pct: Optional[str] = typer.Option(None, "--crop-pct",
+                                           help=PRE_HELP["crop_pct"] + " Recorded in the manifest."),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help=PRE_HELP["interpolation"]),
+    mean: Optional[str] = typer.Option(None, "--mean", help=PRE_HELP["mean"] + " What the artifact expects "
+                                       "(Core ML: baked into the image input's normalisation)."),
+    std: Optional[str] = typer.Option(None, "--std", help=PRE_HELP["std"]),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the parity/structure checks."),
     force: bool = typer.Option(False, "--force", help="Replace existing files."),
 ):
@@ -163,7 +176,8 @@ def export(
                        output=output, opset=opset, batch=batch, check=not no_check, force=force,
                        passes=passes, distilled=distilled, target=target, precision=precision,
                        tensor_input=tensor_input, labels=str(labels) if labels else None, logits=logits,
-                       layout=layout, progress=progress)
+                       layout=layout, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
+                       progress=progress)
     render_passes(r.pipeline)
     render_checks(r.checks)
     golden = (f"\n[bold green]wrote[/] {r.manifest_path.with_name(r.manifest['golden']['file'])}  "
@@ -289,6 +303,13 @@ def run_cmd(
     image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="Image file(s); repeat the flag. "
                                                "Without: one seeded input."),
     top: int = typer.Option(5, "--top", help="How many classes to show."),
+    crop_pct: Optional[str] = typer.Option(None, "--crop-pct", help=PRE_HELP["crop_pct"].replace(
+        "the model's, see 'info'", "the manifest's")),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help=PRE_HELP["interpolation"].replace(
+        "the model's", "the manifest's")),
+    mean: Optional[str] = typer.Option(None, "--mean", help=PRE_HELP["mean"] + " Not for artifacts that "
+                                       "normalise inside the graph."),
+    std: Optional[str] = typer.Option(None, "--std", help=PRE_HELP["std"]),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Run an artifact here with the preprocessing its manifest records: top-k labels, output statistics."""
@@ -297,7 +318,8 @@ def run_cmd(
     from . import api
 
     with console.status("running…") as status:
-        r = api.run(artifact, images=image, top=top, progress=lambda e: status.update(f"{e.task}…"))
+        r = api.run(artifact, images=image, top=top, crop_pct=crop_pct, interpolation=interpolation, mean=mean,
+                    std=std, progress=lambda e: status.update(f"{e.task}…"))
     if as_json:
         print(json.dumps(asdict(r), indent=2, default=str))
         return

@@ -18,6 +18,8 @@ from . import weights as _weights  # one way: weights.py knows nothing of the re
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# PIL resampling filters the eval transform can use (calibration.data maps the names to PIL's).
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,11 @@ class ModelInfo:
     default_res: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # The eval transform the weights were measured with (timm's pretrained cfg / the official eval
+    # script): resize the shorter side to floor(res / crop_pct) with this PIL filter, center-crop res.
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    preprocess_source: str = ""   # where crop_pct / interpolation / mean / std come from (shown by 'info')
     # The paper's figures at default_res (None where the paper gives none).
     paper_params_m: float | None = None
     paper_macs_m: float | None = None
@@ -44,6 +51,11 @@ class ModelInfo:
     # Why our parameter count and the paper's printed figure disagree (see params_agree); empty
     # where they agree. Shown by 'info' and flagged by 'list'.
     params_note: str = ""
+
+    def __post_init__(self):
+        if not 0 < self.crop_pct <= 1 or self.interpolation not in INTERPOLATIONS:
+            raise RuntimeError(f"model {self.name}: crop_pct {self.crop_pct} / interpolation "
+                               f"{self.interpolation!r} is not an eval transform this tool runs")
 
     def params_agree(self, params: int) -> bool:
         """Whether a parameter count agrees with the paper's printed figure: within 1%, or equal

@@ -151,6 +151,63 @@ def test_keep_float_auto_steps_then_gate_exits_1(cli, trained, tmp_path):
         assert (tmp_path / "shvit_s1-64.int8.onnx").exists()   # a failed gate keeps the artifact
 
 
+def _outlier_onnx(src: Path, dst: Path, k: float = 1000.0) -> tuple[str, str]:
+    """The trained classifier with one FFN hidden channel scaled by ``k`` and the next conv's input
+    channel by 1/k: the same function in float (ReLU is positively homogeneous), and an outlier that
+    stretches that activation's per-tensor int8 scale until the other channels round to zero — an
+    error its own SQNR does not show (the outlier dominates it), only what is computed from it."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    init = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for relu in g.node:
+        pw1 = producer.get(relu.input[0]) if relu.op_type == "Relu" else None
+        nxt = consumers.get(relu.output[0], [])
+        if pw1 is None or pw1.op_type != "Conv" or len(nxt) != 1 or nxt[0].op_type != "Conv":
+            continue
+        pw2 = nxt[0]
+        if any(c.op_type == "Add" for c in consumers.get(pw2.output[0], [])):
+            break
+    w1, b1, w2 = (numpy_helper.to_array(init[n]).copy() for n in (pw1.input[1], pw1.input[2], pw2.input[1]))
+    c = int(b1.argmax())
+    w1[c] *= k
+    b1[c] *= k
+    w2[:, c] /= k
+    for name, arr in zip((pw1.input[1], pw1.input[2], pw2.input[1]), (w1, b1, w2)):
+        init[name].CopyFrom(numpy_helper.from_array(arr, name))
+    onnx.save(model, str(dst))
+    shutil.copy(src.with_suffix(".json"), dst.with_suffix(".json"))
+    return pw1.name, pw2.name
+
+
+def test_keep_float_auto_rescues_an_outlier_the_table_misses(cli, trained, tmp_path):
+    """A case built to fail: int8 costs > 1 point, the culprit's own SQNR looks fine. The rescue
+    ranks by what keeping each candidate float does to the logits, keeps the FFN float and passes."""
+    src = tmp_path / "shvit_s1-64.onnx"
+    pw1, pw2 = _outlier_onnx(Path(trained.onnx), src)
+    res = cli("quantize", src, "--calib", trained.calib, "--calib-size", 128, "--eval", trained.test,
+              "--eval-size", 500, "--max-drop", 1.0, "--keep-float", "auto", "--keep-float-max", 3,
+              "--sensitivity", 4, "--out", tmp_path / "q", "--threads", THREADS)
+    m = _manifest(tmp_path / "q")
+    before, after = m["metrics_before_keep_float"], m["metrics"]
+    print(f"\noutlier case: drop {before and before['drop']:.2f} -> {after['drop']:.2f}; "
+          f"steps {[(s['because'][:40], s['drop'], s['kept']) for s in m['quantization']['keep_float_steps']]}")
+    assert before is not None and before["drop"] > 1.0, "the case no longer fails without the rescue"
+    # the old ranking (worst own SQNR first) would not have tried it: it is not among the table's worst
+    assert not any({pw1, pw2} <= set(r["nodes"]) for r in m["sensitivity"][:8])
+    assert after["drop"] < before["drop"] and after["drop"] <= 1.0 and res.exit_code == 0, res.output
+    assert {pw1, pw2} <= set(m["quantization"]["excluded_nodes"])
+    ranking = m["quantization"]["keep_float_ranking"]
+    assert {pw1, pw2} <= set(ranking[0]["nodes"]) and ranking[0]["gain_db"] > 1.0
+    assert "candidates ranked by the logit SQNR" in res.output and "kept" in res.output
+
+
 def test_manual_keep_float_and_unknown_node(cli, trained, int8_run, tmp_path):
     worst = int8_run.manifest["sensitivity"][0]["nodes"]
     res = cli("quantize", trained.onnx, "--calib", trained.calib, "--calib-size", 16, "--eval", trained.test,
@@ -353,23 +410,6 @@ def test_kmeans_palette_is_a_palette():
     assert (lut2 == cw.kmeans_lut(w, 4)[0]).all()     # deterministic
 
 
-def test_torch_int8_weights_match_coremltools():
-    """The PyTorch emulation uses coremltools' own per-channel int8 routine."""
-    from coremltools.optimize import _utils as ou
-    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights as lq
-
-    conv = torch.nn.Conv2d(64, 128, 3)
-    gm = torch.fx.symbolic_trace(torch.nn.Sequential(conv))
-    w = conv.weight.detach().numpy().copy()
-    counts = cw.compress_torch_weights(gm, weights_bits=8, palettize=None)
-    assert counts["tensors"] == 1
-    p = lq.blockwise_compress(w, nbits=8, mode="LINEAR_SYMMETRIC", signed=True, block_sizes=[1, 0, 0, 0])
-    ref = ou.dequantize_by_scale_and_zp(p.data, p.scale, p.offset)
-    got = dict(gm.named_parameters())["0.weight"].detach().numpy()
-    assert np.array_equal(got, ref.astype(np.float32)) and not np.array_equal(got, w)
-    assert metrics.sqnr_db(w, got) > 35
-
-
 # --- slow: the model-name flow (exports itself) and Core ML ------------------------------------
 
 @pytest.mark.slow
@@ -385,16 +425,17 @@ def test_quantize_model_name_exports_then_quantizes(cli, trained, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, suffix", [(("--weights-bits", "8"), "w8"), (("--palettize", "6"), "pal6")])
-def test_coreml_weight_compression_measured_in_pytorch(cli, trained, tmp_path, flags, suffix):
+def test_coreml_weight_compression_measured_on_the_package(cli, trained, tmp_path, flags, suffix):
     res = cli("quantize", "shvit_s1", "--res", 64, "--weights", trained.ckpt, "--format", "coreml", *flags,
-              "--eval", trained.test, "--eval-size", 300, "--out", tmp_path, "--threads", THREADS)
+              "--eval", trained.test, "--eval-size", 100, "--out", tmp_path, "--threads", THREADS)
     assert res.exit_code == 0, res.output
-    assert "measured in PyTorch" in res.output
+    assert "Core ML reference runner" in res.output
     m = _manifest(tmp_path, f"shvit_s1-64.{suffix}.coreml.json")
     assert (tmp_path / f"shvit_s1-64.{suffix}.mlpackage").is_dir()
     assert m["sizes"]["compressed_bytes"] < 0.6 * m["sizes"]["float_bytes"]
     assert m["metrics"]["float"]["top1"] - m["metrics"]["quantized"]["top1"] <= 1.0
-    assert m["sizes"]["torch_tensors_compressed"] > 50
+    assert m["metrics"]["candidate"].startswith("compressed package") and m["evaluation"]["images"] == 100
+    assert m["metrics"]["agreement"]["cosine"] > 0.99   # fp16 + compressed weights, still the same classifier
 
 
 def test_train_shapes_demo_command(cli, tmp_path):

@@ -64,6 +64,43 @@ class ArtifactPredictor:
         return _in_batches(lambda b: self.runner({self.input_name: b})[self.output_name], x, self.batch)
 
 
+class CoreMLPredictor:
+    """A Core ML package in the project's reference runner (fp16 programs computed in fp16, as on
+    the phone): takes the normalised arrays the other predictors take and returns the logits (a
+    classifier's are tapped where they enter its softmax). An image input takes raw pixels, so the
+    arrays are mapped back with ``preprocess``'s mean/std first."""
+
+    def __init__(self, path: str | Path, preprocess, threads: int = 2):
+        from ..exporters.coreml_runner import CoreMLRunner
+
+        self.runner = CoreMLRunner(path)
+        inp = self.runner.inputs[0]
+        self.input_name = inp["name"]
+        self.image = inp.get("kind") == "image"
+        self.mean = np.asarray(preprocess.mean, np.float32)[:, None, None]
+        self.std = np.asarray(preprocess.std, np.float32)[:, None, None]
+        self.batch = inp["shape"][0] if inp.get("shape") else None
+        self.tap = self.runner.logits_var
+        self.output = None if self.tap else next(o["name"] for o in self.runner.outputs if o["dtype"] != "str")
+        self.threads = threads
+
+    def _one(self, b: np.ndarray) -> np.ndarray:
+        if self.image:
+            b = np.clip((b * self.std + self.mean) * 255.0, 0, 255).astype(np.float32)
+        out = self.runner({self.input_name: b}, taps=(self.tap,) if self.tap else ())
+        return out[self.tap or self.output]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return _in_batches(self._one, x, self.batch)
+        finally:
+            torch.set_num_threads(old)
+
+
 class TorchPredictor:
     """A torch module (or the GraphModule of an exported program; ``batch`` for a static batch)."""
 

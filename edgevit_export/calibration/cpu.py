@@ -40,10 +40,10 @@ def cpu_int8() -> CpuInt8:
 
 
 def default_reduce_range() -> tuple[bool, str]:
-    """7-bit weights where u8s8 int8 kernels saturate (x86 without VNNI), as onnxruntime advises."""
+    """7-bit weights unless told otherwise: an int8 ONNX runs on whatever CPU its user has, not
+    the one that quantized it, and x86 without VNNI saturates the int16 sums of full-range u8s8
+    weights (onnxruntime's advice). The build machine's CPU is named, never used to decide."""
     c = cpu_int8()
-    if c.arch in ("x86_64", "amd64", "i686", "x86") and not c.vnni:
-        return True, (f"7-bit weight range (reduce_range) because this CPU has no VNNI ({c.describe()}): "
-                      "onnxruntime's u8s8 AVX2 kernels saturate int16 sums at full 8-bit range; pass "
-                      "--no-reduce-range for a VNNI or ARM target")
-    return False, f"full 8-bit weights: this CPU has int8 dot products ({c.describe()})"
+    return True, ("7-bit weights (reduce_range), the default that is exact on every CPU (x86 without VNNI "
+                  "saturates full-range u8s8 sums); pass --no-reduce-range for a target with VNNI or an ARM "
+                  f"CPU (this machine: {'has' if c.vnni else 'has no'} int8 dot products, {c.describe()})")

@@ -5,16 +5,20 @@
   images) raise :class:`~edgevit_export.errors.DataError` with a message that says what to do.
 - :func:`scan_labelled` reads an ImageNet-style labelled folder: one sub-folder per class (images
   anywhere below it), class order by sorted folder name or by a ``--labels`` file.
-- :class:`Preprocess` is the model's own evaluation transform: resize the shorter side to
-  ``res / crop_pct`` (crop_pct 0.875, as at 224 → 256), center-crop ``res``, scale to [0, 1],
-  normalise with the model's mean/std (or leave raw pixels for graphs that normalise inside).
+- :class:`Preprocess` is the model's own evaluation transform (``ModelInfo.crop_pct`` /
+  ``interpolation`` / ``mean`` / ``std``, from its timm or official eval config): resize the shorter
+  side to ``floor(res / crop_pct)`` (0.875: 224 → 256) with that PIL filter, center-crop ``res``,
+  scale to [0, 1], normalise with mean/std (or leave raw pixels for graphs that normalise inside).
+  :class:`PreprocessOverrides` holds what ``--crop-pct``/``--interpolation``/``--mean``/``--std`` change.
 - :class:`ImageSource` iterates preprocessed images, skipping corrupt files and naming them;
   :class:`SyntheticSource` draws images procedurally (for smoke runs only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -23,8 +27,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import DataError, first_line
+from ..errors import DataError, EdgeExportError, UnknownModelError, first_line
 from ..labels import read_labels
+from ..registry import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CROP_PCT = 0.875
@@ -32,12 +37,30 @@ CROP_PCT = 0.875
 
 # --- preprocessing ---------------------------------------------------------------------------
 
+# name → PIL resampling filter (Image.Resampling member names; PIL's values, fixed since Pillow 2)
+PIL_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+assert set(PIL_FILTERS) == set(INTERPOLATIONS)
+
+OVERRIDE_HELP = {
+    "crop_pct": "Eval crop fraction 0 < F ≤ 1: resize the shorter side to res / F, center-crop res (default: "
+                "the model's, see 'info'; 1 = resize the shorter side to res, no margin: images already at "
+                "the input size pass untouched).",
+    "interpolation": "Resize filter: " + " | ".join(INTERPOLATIONS) + " (default: the model's).",
+    "mean": "Normalisation mean R,G,B on the 0-1 pixel scale (default: the model's, ImageNet's).",
+    "std": "Normalisation std R,G,B on the 0-1 pixel scale (default: the model's, ImageNet's).",
+}
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize (shorter side to size / crop_pct, bicubic) → center crop → [0, 1] → (x - mean) / std.
+    """Resize (shorter side to floor(size / crop_pct), ``interpolation``) → center crop ``size`` →
+    [0, 1] → (x - mean) / std: timm's eval transform (``transforms_imagenet_eval``, crop_mode center).
 
+    ``crop_pct`` 1 resizes the shorter side to the input size itself: a square image keeps all of
+    its content, and an image already at the input size passes untouched (no resampling at all).
     With ``raw_scale`` set the output is raw pixels in [0, raw_scale] (for graphs whose first op
     normalises, e.g. after the ``normalize_input`` pass) and mean/std are not applied.
+    ``overrides`` names what the user changed from the model's own transform (for the record).
     """
 
     size: tuple[int, int]
@@ -45,25 +68,76 @@ class Preprocess:
     std: tuple[float, float, float]
     crop_pct: float = CROP_PCT
     raw_scale: float | None = None
+    interpolation: str = "bicubic"
+    overrides: tuple[str, ...] = ()
+
+    @classmethod
+    def of_model(cls, info, size: tuple[int, int], overrides: PreprocessOverrides | None = None) -> Preprocess:
+        """A zoo model's own eval transform (its ``ModelInfo``) at ``size``, with ``overrides``."""
+        pre = cls(tuple(size), tuple(info.mean), tuple(info.std), crop_pct=info.crop_pct,
+                  interpolation=info.interpolation)
+        return overrides.apply(pre) if overrides else pre
+
+    @classmethod
+    def from_manifest(cls, manifest: dict | None, size: tuple[int, int], raw_scale: float | None = None,
+                      overrides: PreprocessOverrides | None = None) -> Preprocess:
+        """The transform an artifact's manifest records ("preprocess", "normalization"). Manifests
+        written before per-model preprocessing recorded a tool-wide 0.875 bicubic: for those, a zoo
+        model's own values are used."""
+        m = manifest or {}
+        pp = m.get("preprocess") if isinstance(m.get("preprocess"), dict) else {}
+        nm = m.get("normalization") if isinstance(m.get("normalization"), dict) else {}
+        crop, interp = CROP_PCT, "bicubic"
+        if "mean" not in pp and m.get("model"):     # an older manifest: the model's own, if it is a zoo model
+            from ..registry import get_model_info
+
+            try:
+                info = get_model_info(str(m["model"]))
+                pp = {"crop_pct": info.crop_pct, "interpolation": info.interpolation}
+            except UnknownModelError:
+                pass
+        crop = _manifest_value(pp.get("crop_pct"), crop, lambda v: 0 < float(v) <= 1, float)
+        interp = _manifest_value(pp.get("interpolation"), interp, lambda v: str(v) in PIL_FILTERS, str)
+        mean = tuple(float(v) for v in nm.get("mean", IMAGENET_MEAN))
+        std = tuple(float(v) for v in nm.get("std", IMAGENET_STD))
+        known = ("--crop-pct", "--interpolation", "--mean", "--std")    # what the export was told, kept on record
+        recorded = pp.get("overrides") if isinstance(pp.get("overrides"), list) else []
+        given = tuple(f for f in recorded if f in known)
+        pre = cls(tuple(size), mean, std, crop_pct=crop, raw_scale=raw_scale, interpolation=interp, overrides=given)
+        return overrides.apply(pre) if overrides else pre
+
+    @property
+    def resize_to(self) -> int:
+        """The shorter side after resizing (timm: ``math.floor(img_size / crop_pct)``)."""
+        return max(1, math.floor(min(self.size) / self.crop_pct + 1e-6))
 
     def describe(self) -> str:
         h, w = self.size
         norm = (f"raw pixels 0-{self.raw_scale:g}" if self.raw_scale is not None
                 else f"mean {tuple(round(m, 3) for m in self.mean)} std {tuple(round(s, 3) for s in self.std)}")
-        return (f"resize shorter side to {round(min(h, w) / self.crop_pct)} (crop_pct {self.crop_pct:g}), "
-                f"center-crop {h}x{w}, {norm}")
+        given = f" (overridden: {', '.join(self.overrides)})" if self.overrides else ""
+        return (f"resize shorter side to {self.resize_to} ({self.interpolation}, crop_pct {self.crop_pct:g}), "
+                f"center-crop {h}x{w}, {norm}{given}")
+
+    def as_dict(self) -> dict:
+        """For manifests: what an app must do to an image before it feeds the artifact."""
+        return {"resize": "shorter side to resize_shorter_to, aspect ratio kept", "resize_shorter_to": self.resize_to,
+                "crop_pct": self.crop_pct, "interpolation": self.interpolation, "crop": "center",
+                "size": list(self.size),
+                "pixels": (f"raw 0-{self.raw_scale:g} (normalised inside the graph)" if self.raw_scale is not None
+                           else "scaled to 0-1, then (x - mean) / std"),
+                "mean": list(self.mean), "std": list(self.std), "overrides": list(self.overrides)}
 
     def image(self, img) -> np.ndarray:
         """A PIL image → (3, H, W) float32."""
-        from PIL import Image
-
         img = img.convert("RGB")
         h, w = self.size
         iw, ih = img.size
-        scale = max(h / self.crop_pct / ih, w / self.crop_pct / iw)
+        th, tw = (math.floor(d / self.crop_pct + 1e-6) for d in (h, w))   # timm: floor(img_size / crop_pct)
+        scale = max(th / ih, tw / iw)
         nw, nh = max(w, round(iw * scale)), max(h, round(ih * scale))
         if (nw, nh) != (iw, ih):
-            img = img.resize((nw, nh), Image.BICUBIC)
+            img = img.resize((nw, nh), PIL_FILTERS[self.interpolation])
         left, top = (nw - w) // 2, (nh - h) // 2
         img = img.crop((left, top, left + w, top + h))
         return self.array(np.asarray(img))
@@ -77,6 +151,98 @@ class Preprocess:
         mean = np.asarray(self.mean, np.float32)[:, None, None]
         std = np.asarray(self.std, np.float32)[:, None, None]
         return np.ascontiguousarray((x - mean) / std)
+
+
+def _manifest_value(v, default, ok, cast):
+    try:
+        return cast(v) if v is not None and ok(v) else default
+    except (TypeError, ValueError):
+        return default
+
+
+@dataclass(frozen=True)
+class PreprocessOverrides:
+    """What the user said about the eval transform (``--crop-pct``, ``--interpolation``, ``--mean``,
+    ``--std``); None keeps the model's (or the manifest's) own. Build with :meth:`parse`, which
+    checks every value up front (bad value → EdgeExportError, one line)."""
+
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    @classmethod
+    def parse(cls, crop_pct=None, interpolation=None, mean=None, std=None) -> PreprocessOverrides:
+        """Values as the CLI gives them (strings: ``"0.9"``, ``"bilinear"``, ``"0.5,0.5,0.5"``) or as
+        Python passes them (a float, a 3-sequence)."""
+        return cls(_crop_pct(crop_pct), _interpolation(interpolation), _rgb("--mean", mean, zero_ok=True),
+                   _rgb("--std", std, zero_ok=False))
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.crop_pct, self.interpolation, self.mean, self.std))
+
+    @property
+    def normalization(self) -> bool:
+        """Whether mean or std was given."""
+        return self.mean is not None or self.std is not None
+
+    def flags(self) -> tuple[str, ...]:
+        named = (("--crop-pct", self.crop_pct), ("--interpolation", self.interpolation), ("--mean", self.mean),
+                 ("--std", self.std))
+        return tuple(f for f, v in named if v is not None)
+
+    def apply(self, pre: Preprocess) -> Preprocess:
+        return dataclasses.replace(
+            pre, crop_pct=pre.crop_pct if self.crop_pct is None else self.crop_pct,
+            interpolation=self.interpolation or pre.interpolation,
+            mean=pre.mean if self.mean is None else self.mean, std=pre.std if self.std is None else self.std,
+            overrides=tuple(dict.fromkeys(pre.overrides + self.flags())))
+
+
+def _crop_pct(v) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        f = math.nan
+    if not (math.isfinite(f) and 0 < f <= 1):
+        raise EdgeExportError(f"--crop-pct takes a fraction 0 < F ≤ 1 (e.g. 0.875: resize the shorter side to "
+                              f"res / 0.875, center-crop res; 1: no margin), got '{v}'")
+    return f
+
+
+def _interpolation(v) -> str | None:
+    if v is None:
+        return None
+    name = str(v).strip().lower()
+    if name not in PIL_FILTERS:
+        import difflib
+
+        close = difflib.get_close_matches(name, INTERPOLATIONS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise EdgeExportError(f"unknown --interpolation '{v}'{hint}; use one of: {', '.join(INTERPOLATIONS)}")
+    return name
+
+
+def _rgb(flag: str, v, zero_ok: bool) -> tuple[float, float, float] | None:
+    if v is None:
+        return None
+    parts = [p.strip() for p in v.split(",")] if isinstance(v, str) else list(v) if hasattr(v, "__iter__") else [v]
+    try:
+        vals = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        vals = ()
+    shown = v if isinstance(v, str) else ",".join(str(p) for p in parts)
+    example = "0.485,0.456,0.406" if zero_ok else "0.229,0.224,0.225"
+    if len(vals) != 3 or not all(math.isfinite(x) for x in vals):
+        raise EdgeExportError(f"{flag} takes three numbers R,G,B (e.g. {example}), got '{shown}'")
+    low_ok = all(x >= 0 for x in vals) if zero_ok else all(x > 0 for x in vals)
+    if not low_ok or any(x > 1 for x in vals):
+        scale = " (values on the 0-255 scale: divide them by 255)" if any(x > 1 for x in vals) else ""
+        rng = "0 ≤ each ≤ 1" if zero_ok else "0 < each ≤ 1"
+        raise EdgeExportError(f"{flag} is on the 0-1 pixel scale, {rng}{scale}; got '{shown}'")
+    return vals
 
 
 # --- folders ---------------------------------------------------------------------------------

@@ -8,15 +8,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, EdgeExportError
-from ..progress import Callback, emit
+from ..progress import Callback
 from . import accuracy as acc
 from .data import (ImageScan, ImageSource, LabelledSet, SyntheticSource, check_classes, is_labelled, scan_images,
                    scan_labelled, spread)
+from .data import PreprocessOverrides
 from .options import at_least_one
-from .results import EvalInfo, KeepFloatStep
+from .results import EvalInfo
 from .target import Target, random_init_note, resolve_target
 
-DEFAULT_UNLABELLED_EVAL = 200  # images compared float vs int8 when no --eval is given
+DEFAULT_UNLABELLED_EVAL = 200  # images compared float vs int8 when no --eval is given (at ≤ 256² pixels)
+MIN_UNLABELLED_EVAL = 16
+
+
+def unlabelled_count(hw: tuple[int, int], base: int = DEFAULT_UNLABELLED_EVAL) -> int:
+    """How many images an unlabelled comparison uses by default: ``base`` up to 256×256, fewer
+    above in proportion to the pixels (each costs that much more; 1024² → 16), at least 16."""
+    scale = min(1.0, (256 * 256) / (hw[0] * hw[1]))
+    return max(min(base, MIN_UNLABELLED_EVAL), round(base * scale))
 
 
 def evaluation_set(eval_dir: str | Path | None, labels: str | Path | None, target: Target):
@@ -42,7 +51,8 @@ def _subset(ds: LabelledSet, limit: int | None, seed: int) -> tuple[list[Path], 
     return files, labels
 
 
-def eval_source(eval_set, eval_size: int | None, target: Target, calib_src, seed: int):
+def eval_source(eval_set, eval_size: int | None, target: Target, calib_src, seed: int,
+                default_count: int = DEFAULT_UNLABELLED_EVAL):
     """(source, EvalInfo): the labelled set, an unlabelled folder, or held-out calibration images."""
     pre = target.preprocess
     if isinstance(eval_set, LabelledSet):
@@ -54,13 +64,14 @@ def eval_source(eval_set, eval_size: int | None, target: Target, calib_src, seed
         src = ImageSource(files, pre, root=eval_set.root)
         return src, EvalInfo(str(eval_set.root), False, len(files), None, eval_set.non_images,
                              note="no class folders: agreement with float, not accuracy")
-    n = eval_size or DEFAULT_UNLABELLED_EVAL
+    n = eval_size or unlabelled_count(target.hw, default_count)
     if calib_src is None or isinstance(calib_src, SyntheticSource):
         src = SyntheticSource(n, pre, seed=seed + 1000)
         return src, EvalInfo("synthetic (drawn shapes, other seed)", False, n,
                              note="no --eval: agreement with float on synthetic images, not accuracy")
     # held-out images of the calibration folder (the ones calibration did not use), else the same
-    rest = [f for f in calib_src.files if f not in set(calib_src.used)]
+    skipped = {p for p, _ in calib_src.skipped}   # corrupt files calibration already met
+    rest = [f for f in calib_src.files if f not in set(calib_src.used) and str(f) not in skipped]
     files = rest[:n] if rest else calib_src.used[:n]
     note = ("no --eval: agreement with float on calibration-folder images not used for calibration"
             if rest else "no --eval: agreement with float on the calibration images themselves")
@@ -78,31 +89,24 @@ def float_vs_quantized(float_fn, quant_fn, source, info: EvalInfo, progress: Cal
     return lg, acc.compare(lg.values["float"], lg.values["quantized"], lg.labels, **names)
 
 
-def keep_float_rescue(candidates, excluded: list[str], lg: acc.Logits, ev_src, opts, requantize,
-                      progress: Callback | None, what: str = "int8"):
-    """The keep-float rescue: add the next candidate's nodes to ``excluded`` (kept in float),
-    ``requantize()`` (→ a predictor of the new int8 program), evaluate it against the same float
-    logits; until within ``opts.max_drop`` or after ``opts.keep_float_max`` steps. Returns the
-    steps and the last comparison (None when no candidate was left)."""
-    steps, comparison = [], None
-    images = list(ev_src) if len(ev_src) <= 2048 else ev_src   # in memory once, not re-read each step
-    for cand in candidates:
-        if len(steps) >= opts.keep_float_max:
-            break
-        new = [nm for nm in cand.nodes if nm not in excluded]
-        if not new:
-            continue
-        excluded.extend(new)
-        emit(progress, f"keep float: {', '.join(new)[:60]}")
-        predictor = requantize()
-        lq = acc.collect_logits({"int8": predictor}, images, progress=progress,
-                                task=f"evaluate {what} (keep-float step {len(steps) + 1})")
-        comparison = acc.compare(lg.values["float"], lq.values["int8"], lg.labels)
-        steps.append(KeepFloatStep(new, f"{cand.kind} {cand.tensor} ({cand.sqnr_db:.1f} dB)", len(excluded),
-                                   comparison.drop))
-        if comparison.drop <= opts.max_drop:
-            break
-    return steps, comparison
+def rank_images(calib_src, ev_src, seed: int, count: int | None = None) -> tuple[list, str]:
+    """Preprocessed images the keep-float rescue ranks its candidates on: calibration-folder images
+    that neither calibration nor the evaluation used (else the calibration images themselves, said
+    in the note), or synthetic ones of another seed for synthetic calibration."""
+    from .rescue import RANK_IMAGES
+
+    n = count or RANK_IMAGES
+    if calib_src is None or isinstance(calib_src, SyntheticSource):
+        return [it.x for it in SyntheticSource(n, calib_src.preprocess if calib_src else ev_src.preprocess,
+                                               seed=seed + 2000)], ""
+    taken = {str(f) for f in calib_src.used} | {str(f) for f in getattr(ev_src, "files", [])}
+    rest = [f for f in calib_src.files if str(f) not in taken]
+    note = ""
+    if not rest:
+        rest = list(calib_src.used)
+        note = ("--keep-float auto ranked its candidates on calibration images (the folder has none held out: "
+                "give it more images than --calib-size)")
+    return [it.x for it in ImageSource(rest, calib_src.preprocess, root=calib_src.root, limit=n)], note
 
 
 @dataclass
@@ -116,17 +120,22 @@ class EvaluateResult:
     per_class: dict[str, float]  # class → top-1 percent
     seconds: float
     notes: list[str] = field(default_factory=list)
+    preprocess: str = ""         # the eval transform the images went through (Preprocess.describe())
 
 
 def evaluate(model: str, data: str | Path, *, res=None, weights: str | None = None, labels: str | Path | None = None,
-             limit: int | None = None, threads: int = 2, seed: int = 0,
+             limit: int | None = None, threads: int = 2, seed: int = 0, crop_pct=None,
+             interpolation: str | None = None, mean=None, std=None,
              progress: Callback | None = None) -> EvaluateResult:
-    """Top-1/top-5 of a model (PyTorch) or an .onnx artifact on a labelled folder."""
+    """Top-1/top-5 of a model (PyTorch) or an .onnx artifact on a labelled folder, its images read
+    with the model's own eval transform (an .onnx: its manifest's), or ``crop_pct``/
+    ``interpolation``/``mean``/``std`` given here."""
     from .. import api
 
     at_least_one("--threads", threads)
     at_least_one("--limit", limit)
-    target = resolve_target(model, res, weights, purpose="evaluate")
+    pre_overrides = PreprocessOverrides.parse(crop_pct, interpolation, mean, std)
+    target = resolve_target(model, res, weights, purpose="evaluate", preprocess=pre_overrides)
     root = Path(data).expanduser()
     ds = scan_labelled(root, labels, what="--data")
     check_classes(ds, target.num_classes, target.head, what="--data")
@@ -152,4 +161,4 @@ def evaluate(model: str, data: str | Path, *, res=None, weights: str | None = No
         if mask.any():
             per_class[name] = float((pred_cls[mask] == k).mean() * 100)
     return EvaluateResult(target.name, kind, target.hw, ds, acc.top_k(logits, lg.labels), lg.skipped, per_class,
-                          time.perf_counter() - t, notes)
+                          time.perf_counter() - t, notes, target.preprocess.describe())

@@ -34,7 +34,8 @@ from ..passes.base import written_by
 from ..progress import Callback, emit
 from . import accuracy as acc
 from .calibrate import calibration_info, no_calibration_images
-from .evaluation import eval_source, float_vs_quantized, keep_float_rescue
+from .evaluation import eval_source, float_vs_quantized, rank_images
+from .rescue import SENSITIVITY_CANDIDATES, from_sensitivity, merge, rescue
 from .options import known_nodes
 from .results import Job, QuantizeResult, manifest, timed
 from .sensitivity import Sensitivity
@@ -230,7 +231,7 @@ class Pt2eInt8:
         ev_src, ev_info = eval_source(job.eval_set, opts.eval_size, job.target, job.calib_src, opts.seed)
         float_fn = acc.TorchPredictor(model, opts.threads)
         sens = self._sensitivity(int8_gm)
-        baseline, steps, lg = None, [], None
+        baseline, steps, lg, ranking = None, [], None, []
         if opts.keep_float == "auto":   # decided on the emulation: one lowering, of the program that ships
             with timed(self.seconds, "evaluate_emulation"):
                 lg, emulated = float_vs_quantized(float_fn, acc.TorchPredictor(int8_gm, opts.threads, batch=1),
@@ -238,8 +239,8 @@ class Pt2eInt8:
             if emulated.drop > opts.max_drop:
                 baseline = emulated
                 with timed(self.seconds, "keep_float"):
-                    steps, last = self._keep_float_auto(sens, lg, ev_src, example)
-                int8_gm = last if last is not None else int8_gm
+                    steps, ranking, int8_gm = self._keep_float_auto(sens, lg, ev_src, example, int8_gm, float_fn,
+                                                                    emulated)
         from ..exporters import get as get_format
 
         backend = get_format(self.target.format).backend()
@@ -281,6 +282,7 @@ class Pt2eInt8:
         res = QuantizeResult(job.target.name, self.target.format, job.target.hw, job.artifact, job.manifest_path, {}, scheme,
                              opts.method, calib_info, ev_info, comparison, baseline, opts.max_drop, self.excluded,
                              steps, sens, self.notes, sizes, self.seconds)
+        res.ranking = ranking
         float_facts = {"weights": opts.weights, "random_init": random_init, "io": facts["io"]}
         res.manifest = manifest(res, job.target, float_facts, opts, opts.per_channel, self.staged, self.target.scheme_tool,
                                 extra={"backend": {k: v for k, v in facts.items() if k != "io"},
@@ -354,18 +356,27 @@ class Pt2eInt8:
         with timed(self.seconds, "sensitivity"):
             return sensitivity(self.float_gm, int8_gm, images, self.step)
 
-    def _keep_float_auto(self, sens: list[Sensitivity], lg: acc.Logits, ev_src, example):
-        """Keep the worst candidates' nodes in float, re-calibrated, each step measured on the
-        emulation (:func:`.evaluation.keep_float_rescue`). Returns the steps and the last program."""
-        last = []
+    def _keep_float_auto(self, sens: list[Sensitivity], lg: acc.Logits, ev_src, example, int8_gm, float_fn,
+                         baseline: acc.Comparison):
+        """Rank the table's worst rows by what keeping each float does to the logits, then keep them
+        float greedily while the drop falls, each program re-calibrated and measured on the emulation
+        (:mod:`.rescue`). Returns the steps, the ranking and the program left built."""
+        last = [int8_gm]
 
-        def requantize():
-            last[:] = [self._quantize(example)]
+        def build(excluded: list[str]):
+            self.excluded[:] = excluded
+            last[0] = self._quantize(example)
             return acc.TorchPredictor(last[0], self.opts.threads, batch=1)
 
-        steps, _ = keep_float_rescue(sens, self.excluded, lg, ev_src, self.opts, requantize, self.step,
-                                     what="int8 emulation")
-        return steps, (last[0] if last else None)
+        images, note = rank_images(self.job.calib_src, ev_src, self.opts.seed)
+        cands = merge([], from_sensitivity(sens, SENSITIVITY_CANDIDATES), self.excluded, self.opts.keep_float_max)
+        r = rescue(cands, list(self.excluded), lg, ev_src, images, float_fn,
+                   acc.TorchPredictor(int8_gm, self.opts.threads, batch=1), build, self.opts, baseline, self.step,
+                   what="int8 emulation")
+        self.excluded[:] = r.excluded
+        if note:
+            self.notes.append(note)
+        return r.steps, r.ranking, last[0]
 
 
 def quantize_pte(job: Job, step: Callback | None) -> QuantizeResult:

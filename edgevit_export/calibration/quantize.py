@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import EdgeExportError
 from ..progress import Callback
 from .calibrate import calibration_source
+from .data import PreprocessOverrides
 from .coreml_weights import compress_coreml
 from .evaluation import evaluation_set
 from .options import AUTO_MAX_STEPS, QuantizeOptions
@@ -29,6 +30,16 @@ from .results import Job, QuantizeResult, manifest_json
 from .target import resolve_target
 
 __all__ = ["quantize"]
+
+RANDOM_WEIGHTS = ("not gated: random weights — how far quantization moves a randomly initialised network says "
+                  "nothing about your trained one (its logits are near-ties); pass --weights for a gated run")
+
+
+def _random_weights(target, opts) -> bool:
+    """A zoo model without --weights, or an .onnx whose manifest says it was exported so."""
+    if target.kind == "model":
+        return opts.weights is None
+    return bool((target.float_manifest or {}).get("random_init"))
 
 
 @contextlib.contextmanager
@@ -54,11 +65,13 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
              format: str = "onnx",
              weights_bits: int | None = None, palettize: int | None = None, sensitivity_samples: int = 8,
              out: str | Path = "exports", force: bool = False, threads: int = 2, seed: int = 0,
-             int8_io: bool = False, progress: Callback | None = None) -> QuantizeResult:
+             int8_io: bool = False, crop_pct=None, interpolation: str | None = None, mean=None, std=None,
+             progress: Callback | None = None) -> QuantizeResult:
     """Quantize ``model`` (a zoo name, or an .onnx file) and measure what it cost.
 
     ``progress`` receives :class:`~edgevit_export.progress.Event`: counted tasks ("calibrate",
-    "evaluate float + int8", …) and stages.
+    "evaluate float + int8", …) and stages. ``crop_pct``/``interpolation``/``mean``/``std`` override
+    the eval transform of the calibration and evaluation images (recorded in the manifest).
     """
     from ..exporters import artifacts
 
@@ -69,8 +82,14 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
                            keep_float_max=keep_float_max, format=format, weights_bits=weights_bits,
                            palettize=palettize, sensitivity_samples=sensitivity_samples, out=out, force=force,
                            threads=threads, seed=seed, int8_io=int8_io).validated()
+    # the eval transform of calibration and evaluation (default: the model's own, or the .onnx manifest's)
+    pre_overrides = PreprocessOverrides.parse(crop_pct, interpolation, mean, std)
+    if opts.format == "coreml" and pre_overrides.normalization:
+        raise EdgeExportError("--mean/--std with --format coreml: the package normalises inside its graph with the "
+                              "model's mean/std; export it with 'edgevit-export export --format coreml --mean … "
+                              "--std …' instead")
     # what to quantize, on which data
-    target = resolve_target(model, opts.res, opts.weights)
+    target = resolve_target(model, opts.res, opts.weights, preprocess=pre_overrides)
     if opts.format != "onnx" and target.kind != "model":
         raise EdgeExportError(f"--format {opts.format} needs a model name (and --weights), not an .onnx file")
     calib_src, calib_scan = (calibration_source(opts.calib, target, opts.calib_size, opts.seed)
@@ -93,6 +112,9 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
         job = Job(target, opts, calib_src, calib_scan, eval_set, tmp, artifact, manifest_path)
         result = {"onnx": quantize_onnx, "pte": quantize_pte, "tflite": quantize_tflite,
                   "coreml": compress_coreml}[opts.format](job, progress)
+        if _random_weights(target, opts):
+            result.gated, result.gate_note = False, RANDOM_WEIGHTS
+            result.manifest["gate"] = result.gate_dict()
         result.seconds["total"] = time.perf_counter() - t0
         result.manifest["seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
         staged_manifest = tmp / manifest_path.name

@@ -71,12 +71,14 @@ class EvalInfo:
 @dataclass
 class KeepFloatStep:
     added: list[str]
-    because: str           # the tensor whose error this step removes, and its SQNR
-    excluded: int
+    because: str           # the candidate this step tries, and what its ranking measured
+    excluded: int          # nodes in float with this step
     drop: float
+    kept: bool = True      # False: it did not lower the drop and was undone
 
     def as_dict(self) -> dict:
-        return {"added": self.added, "because": self.because, "excluded_nodes": self.excluded, "drop": self.drop}
+        return {"added": self.added, "because": self.because, "excluded_nodes": self.excluded, "drop": self.drop,
+                "kept": self.kept}
 
 
 @dataclass
@@ -100,14 +102,26 @@ class QuantizeResult:
     notes: list[str] = field(default_factory=list)
     sizes: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    ranking: list = field(default_factory=list)   # --keep-float auto's candidates, best first (rescue.Candidate)
+    gated: bool = True                    # False: measured and recorded, not enforced (gate_note says why)
+    gate_note: str = ""
 
     @property
     def drop(self) -> float:
         return self.comparison.drop
 
     @property
-    def passed(self) -> bool:
+    def within(self) -> bool:
+        """Whether the drop is within ``max_drop`` (enforced only when ``gated``)."""
         return self.drop <= self.max_drop + 1e-9
+
+    @property
+    def passed(self) -> bool:
+        return self.within or not self.gated
+
+    def gate_dict(self) -> dict:
+        return {"max_drop": self.max_drop, "metric": self.comparison.drop_label, "drop": self.drop,
+                "within": self.within, "gated": self.gated, "passed": self.passed, "note": self.gate_note}
 
 
 @contextlib.contextmanager
@@ -135,14 +149,17 @@ def manifest(res: QuantizeResult, target: Target, float_manifest: dict | None, o
         "artifact": res.artifact.name,
         "quantization": {"tool": tool, "scheme": res.scheme, "method": res.method,
                          "per_channel": per_channel, "reduce_range": opts.reduce_range,
+                         "weights_target": ("any CPU (7-bit weights)" if opts.reduce_range else
+                                            "CPUs with int8 dot products: x86 VNNI/AMX or ARM (full 8-bit weights)")
+                         if res.format == "onnx" else None,
                          "keep_float": opts.keep_float, "excluded_nodes": res.excluded,
-                         "keep_float_steps": [s.as_dict() for s in res.steps]},
+                         "keep_float_steps": [s.as_dict() for s in res.steps],
+                         "keep_float_ranking": [c.as_dict() for c in res.ranking]},
         "calibration": res.calibration.as_dict() if res.calibration else None,
         "evaluation": res.evaluation.as_dict(),
         "metrics": res.comparison.as_dict(),
         "metrics_before_keep_float": res.baseline.as_dict() if res.baseline else None,
-        "gate": {"max_drop": res.max_drop, "metric": res.comparison.drop_label, "drop": res.drop,
-                 "passed": res.passed},
+        "gate": res.gate_dict(),
         "sensitivity": [s.as_dict() for s in res.sensitivity[:30]],
         "normalization": fm.get("normalization") or {"mean": list(target.preprocess.mean),
                                                      "std": list(target.preprocess.std), "in_graph": False},
@@ -152,6 +169,11 @@ def manifest(res: QuantizeResult, target: Target, float_manifest: dict | None, o
         "tools": _tool_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    # the eval transform calibration and evaluation used (the model's own, the float manifest's, or
+    # --crop-pct/--interpolation/--mean/--std): what an app must apply; its mean/std are the artifact's
+    m["preprocess"] = target.preprocess.as_dict()
+    m["normalization"] = {**m["normalization"], "mean": list(target.preprocess.mean),
+                          "std": list(target.preprocess.std)}
     if extra:
         m.update(extra)
     m["sha256"] = artifacts.sha256(staged)

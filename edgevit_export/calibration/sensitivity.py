@@ -32,10 +32,14 @@ class Sensitivity:
     sqnr_db: float             # local: after vs before its own Q/DQ (weights: dequantized vs float)
     xmodel_db: float | None    # accumulated: int8 model vs float model at this tensor (activations)
     nodes: list[str] = field(default_factory=list)   # nodes to keep in float to remove this error
+    # how much worse the accumulated error is right after this tensor's consumers than at it (dB):
+    # a tensor whose Q/DQ looks harmless but ruins what is computed from it (an outlier channel
+    # stretching a per-tensor scale) shows here, not in its own SQNR
+    jump_db: float | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        for k in ("sqnr_db", "xmodel_db"):
+        for k in ("sqnr_db", "xmodel_db", "jump_db"):
             if d[k] is not None and not math.isfinite(d[k]):
                 d[k] = None
         return d
@@ -145,10 +149,16 @@ def _ranked(acc: dict[str, _Acc], fmodel, qmodel, producer: dict, consumers: dic
             continue
         p = producer.get(t)
         group = ([p.name] if p is not None and p.name else []) + [c.name for c in consumers.get(t, []) if c.name]
+        if p is not None and p.op_type in ("Relu", "Clip") and p.input and p.input[0] in producer:
+            group.insert(0, producer[p.input[0]].name)   # a fused activation: its input is quantized otherwise
         if not group:
             continue
+        here = db(a.fsig, a.fnoise) if a.fsig > 0 else None
+        after = [db(acc[o].fsig, acc[o].fnoise) for c in consumers.get(t, []) for o in c.output
+                 if o in acc and acc[o].fsig > 0]
+        jump = (here - min(after)) if here is not None and after and math.isfinite(here) else None
         out.append(Sensitivity("activation", t, p.op_type if p is not None else "input", db(a.sig, a.noise),
-                               db(a.fsig, a.fnoise) if a.fsig > 0 else None, list(dict.fromkeys(group))))
+                               here, list(dict.fromkeys(group)), jump))
     for w, (fw, dq) in _weight_pairs(fmodel, qmodel).items():
         users = [c for c in consumers.get(w, []) if c.name]
         if not users or fw.size < 2:

@@ -8,12 +8,18 @@ ImageNet-style folder (one sub-folder per class), which every reader in this pac
 
 Class names are sorted, so "sorted folder order" (what :mod:`.data` uses by default) is also
 the order of :data:`CLASSES` and of the trained model's head.
+
+:data:`DOMAINS` names the drawn domains (each a module with ``CLASSES`` and ``draw``): this one,
+``"shapes"``, and ``"textures"`` (:mod:`.textures`: ten adjacent hue bins of a textured patch,
+half of them faint, a fine-grained second domain for int8); the writers here and
+:func:`.train.train_shapes` take ``domain=``.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..progress import Callback, emit
+from . import textures
 
 CLASSES: tuple[str, ...] = tuple(sorted((
     "circle", "square", "triangle", "star", "cross", "ring", "hstripes", "vstripes", "checker", "dots")))
@@ -33,6 +40,7 @@ class ShapesSet:
     per_class: int
     size: int
     seed: int
+    domain: str = "shapes"
 
     @property
     def count(self) -> int:
@@ -160,22 +168,39 @@ def draw(cls: str, size: int = 72, seed: int = 0, index: int = 0) -> Image.Image
                                  (np.asarray(mask, np.float32) / 255)).astype(np.uint8), "L")
         img.paste(layer.convert("RGB"), (0, 0), alpha)
 
+    return blur_and_noise(img, rng, size, 0.9, 14.0)
+
+
+def blur_and_noise(img: Image.Image, rng: random.Random, size: int, blur: float, sigma_max: float) -> Image.Image:
+    """The camera nuisance every drawn domain ends with: a light blur on 30% of images (radius
+    0.3–``blur``), then Gaussian pixel noise of a random sigma up to ``sigma_max``."""
     if rng.random() < 0.3:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9)))
-    sigma = rng.uniform(0.0, 14.0)
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, blur)))
+    sigma = rng.uniform(0.0, sigma_max)
     if sigma > 0.5:
         noise = np.random.default_rng(rng.randrange(2**32)).normal(0.0, sigma, (size, size, 3))
         img = Image.fromarray((np.asarray(img, np.float32) + noise).clip(0, 255).astype(np.uint8), "RGB")
     return img
 
 
+def domain_module(domain: str):
+    """The module (``CLASSES``, ``draw``) of a drawn domain: one of :data:`DOMAINS`."""
+    try:
+        return DOMAINS[domain]
+    except KeyError:
+        raise ValueError(f"unknown drawn domain {domain!r}; one of {', '.join(DOMAINS)}") from None
+
+
 def write_shapes(out: str | Path, per_class: int, *, size: int = 72, seed: int = 0, fmt: str = "png",
-                 classes: tuple[str, ...] = CLASSES,
+                 classes: tuple[str, ...] | None = None, domain: str = "shapes",
                  progress: Callback | None = None) -> ShapesSet:
     """Write ``per_class`` images of each class to ``out/<class>/<class>_NNNNN.<fmt>``.
 
     Different seeds give disjoint draws (use one seed for train, another for a held-out test set).
+    ``domain`` picks the drawing (:data:`DOMAINS`); ``classes`` defaults to all of its classes.
     """
+    mod = domain_module(domain)
+    classes = mod.CLASSES if classes is None else classes
     root = Path(out)
     total = per_class * len(classes)
     done = 0
@@ -183,19 +208,26 @@ def write_shapes(out: str | Path, per_class: int, *, size: int = 72, seed: int =
         d = root / cls
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            draw(cls, size, seed, i).save(d / f"{cls}_{i:05d}.{fmt}")
+            mod.draw(cls, size, seed, i).save(d / f"{cls}_{i:05d}.{fmt}")
             done += 1
             if done % 50 == 0 or done == total:
-                emit(progress, "draw shapes", done, total)
-    return ShapesSet(root, tuple(classes), per_class, size, seed)
+                emit(progress, "draw shapes" if domain == "shapes" else f"draw {domain}", done, total)
+    return ShapesSet(root, tuple(classes), per_class, size, seed, domain)
 
 
 def shapes_arrays(per_class: int, *, size: int = 72, seed: int = 0,
-                  classes: tuple[str, ...] = CLASSES) -> tuple[np.ndarray, np.ndarray]:
+                  classes: tuple[str, ...] | None = None,
+                  domain: str = "shapes") -> tuple[np.ndarray, np.ndarray]:
     """The same images in memory: (N, size, size, 3) uint8 and (N,) int64 labels."""
+    mod = domain_module(domain)
+    classes = mod.CLASSES if classes is None else classes
     imgs, labels = [], []
     for k, cls in enumerate(classes):
         for i in range(per_class):
-            imgs.append(np.asarray(draw(cls, size, seed, i)))
+            imgs.append(np.asarray(mod.draw(cls, size, seed, i)))
             labels.append(k)
     return np.stack(imgs), np.asarray(labels, np.int64)
+
+
+# The drawn domains, by name: each a module with a sorted ``CLASSES`` and ``draw(cls, size, seed, index)``.
+DOMAINS = {"shapes": sys.modules[__name__], "textures": textures}

@@ -1,6 +1,11 @@
 """What ``quantize`` and ``evaluate`` are given: a zoo model name or a float .onnx file, resolved to
 its input resolution, preprocessing and number of classes, with a one-line error for anything
-that cannot be quantized or evaluated here."""
+that cannot be quantized or evaluated here.
+
+Preprocessing: a model name gets its own eval transform (``ModelInfo``: crop_pct, interpolation,
+mean/std); an .onnx file exported by this tool gets the one its manifest records ("preprocess",
+"normalization"); ``--crop-pct``/``--interpolation``/``--mean``/``--std`` (a
+:class:`~.data.PreprocessOverrides`) change either, except mean/std of a graph that normalises inside."""
 
 from __future__ import annotations
 
@@ -10,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EdgeExportError, ResolutionError
-from ..registry import IMAGENET_MEAN, IMAGENET_STD
-from .data import Preprocess
+from .data import Preprocess, PreprocessOverrides
 
 
 @dataclass
@@ -50,8 +54,10 @@ def _onnx_io(path: Path):
     return dims(inputs[0]), [dims(o) for o in m.graph.output], ops
 
 
-def resolve_target(model: str, res, weights: str | None, purpose: str = "quantize") -> Target:
-    """A model name or an .onnx file → what to quantize, its resolution, preprocessing, classes."""
+def resolve_target(model: str, res, weights: str | None, purpose: str = "quantize",
+                   preprocess: PreprocessOverrides | None = None) -> Target:
+    """A model name or an .onnx file → what to quantize, its resolution, preprocessing (with the
+    user's ``preprocess`` overrides applied), classes."""
     p = Path(model).expanduser()
     if model.endswith(".mlpackage") or model.endswith(".mlmodel"):
         if purpose == "evaluate":
@@ -61,11 +67,12 @@ def resolve_target(model: str, res, weights: str | None, purpose: str = "quantiz
         raise EdgeExportError(f"{model}: Core ML packages cannot be re-quantized here; pass the model name with "
                               "--format coreml (and --weights) to compress its weights")
     if model.endswith(".onnx") or p.is_file():
-        return _onnx_target(p, res, weights, purpose)
-    return _model_target(model, res, weights)
+        return _onnx_target(p, res, weights, purpose, preprocess)
+    return _model_target(model, res, weights, preprocess)
 
 
-def _onnx_target(p: Path, res, weights: str | None, purpose: str) -> Target:
+def _onnx_target(p: Path, res, weights: str | None, purpose: str,
+                 overrides: PreprocessOverrides | None = None) -> Target:
     if not p.is_file():
         raise EdgeExportError(f"ONNX file not found: {p}")
     if weights is not None:
@@ -90,21 +97,29 @@ def _onnx_target(p: Path, res, weights: str | None, purpose: str) -> Target:
     if mpath.is_file():
         with contextlib.suppress(OSError, json.JSONDecodeError):
             manifest = json.loads(mpath.read_text())
-    note = ""
-    mean, std, raw = IMAGENET_MEAN, IMAGENET_STD, None
+    note, raw = "", None
     if manifest and isinstance(manifest.get("normalization"), dict):
         nm = manifest["normalization"]
-        mean, std = tuple(nm.get("mean", mean)), tuple(nm.get("std", std))
         if nm.get("in_graph"):
             rng = str(nm.get("input_range", "0-255"))
             raw = float(rng.split("-")[-1]) if "-" in rng else 255.0
+            if overrides is not None and overrides.normalization:
+                raise EdgeExportError(f"{p.name} normalises inside its graph (mean {nm.get('mean')} std "
+                                      f"{nm.get('std')}, its manifest says); --mean/--std cannot change that: "
+                                      "re-export it with --mean/--std")
     else:
-        note = (f"no manifest beside {p.name}: assuming ImageNet mean/std normalisation "
-                "(export with edgevit-export to record it)")
-    return Target("onnx", p.stem, p, hw, Preprocess(hw, mean, std, raw_scale=raw), int(ncls), manifest, note)
+        assumed = [w for w, given in (("ImageNet mean/std normalisation", overrides and overrides.normalization),
+                                      ("crop_pct 0.875", overrides and overrides.crop_pct is not None),
+                                      ("bicubic resizing", overrides and overrides.interpolation))
+                   if not given]
+        note = (f"no manifest beside {p.name}: assuming {', '.join(assumed)} "
+                "(export with edgevit-export to record it, or pass --crop-pct/--interpolation/--mean/--std)"
+                if assumed else "")
+    pre = Preprocess.from_manifest(manifest, hw, raw_scale=raw, overrides=overrides)
+    return Target("onnx", p.stem, p, hw, pre, int(ncls), manifest, note)
 
 
-def _model_target(model: str, res, weights: str | None) -> Target:
+def _model_target(model: str, res, weights: str | None, overrides: PreprocessOverrides | None = None) -> Target:
     from ..registry import create_model, get_model_info, parse_resolution
 
     info = get_model_info(model)             # UnknownModelError for a bad name
@@ -116,7 +131,7 @@ def _model_target(model: str, res, weights: str | None) -> Target:
 
         with torch.no_grad():
             ncls = int(net(torch.zeros(1, 3, *hw)).shape[-1])
-    return Target("model", model, None, hw, Preprocess(hw, info.mean, info.std), ncls)
+    return Target("model", model, None, hw, Preprocess.of_model(info, hw, overrides), ncls)
 
 
 def _parse_res_loose(res) -> tuple[int, int]:

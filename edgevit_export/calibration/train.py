@@ -22,7 +22,7 @@ from ..errors import EdgeExportError
 from ..progress import Callback, emit
 from ..registry import create_model, get_model_info, parse_resolution
 from .data import Preprocess
-from .shapes import CLASSES, draw
+from .shapes import domain_module
 
 # Seeds of the three disjoint draws; a held-out test set uses TEST_SEED (or any other seed).
 TRAIN_SEED, VAL_SEED, TEST_SEED = 1, 2, 3
@@ -50,14 +50,17 @@ def draw_size(res: int, crop_pct: float = 0.875) -> int:
     return round(res / crop_pct)
 
 
-def shapes_tensor(per_class: int, res: int, seed: int, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drawn images through the model's preprocessing → (N, 3, res, res) float, (N,) labels."""
+def shapes_tensor(per_class: int, res: int, seed: int, mean, std,
+                  domain: str = "shapes") -> tuple[torch.Tensor, torch.Tensor]:
+    """Drawn images (of ``domain``, see :data:`.shapes.DOMAINS`) through the model's preprocessing
+    → (N, 3, res, res) float, (N,) labels."""
+    mod = domain_module(domain)
     pre = Preprocess((res, res), tuple(mean), tuple(std))
     side = draw_size(res)
     xs, ys = [], []
-    for k, cls in enumerate(CLASSES):
+    for k, cls in enumerate(mod.CLASSES):
         for i in range(per_class):
-            xs.append(pre.image(draw(cls, side, seed, i)))
+            xs.append(pre.image(mod.draw(cls, side, seed, i)))
             ys.append(k)
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
 
@@ -86,11 +89,16 @@ def _accuracy(model, x, y, batch: int = 256) -> float:
 def train_shapes(checkpoint: str | Path, *, model: str = "shvit_s1", res: int = 64, per_class: int = 200,
                  val_per_class: int = 40, epochs: int = 10, batch: int = 128, lr: float = 8e-3,
                  weight_decay: float = 0.05, seed: int = 0, threads: int | None = None,
-                 progress: Callback | None = None) -> TrainResult:
+                 domain: str = "shapes", progress: Callback | None = None) -> TrainResult:
     """Train ``model`` with a 10-class head on drawn shapes; save ``{'model': state_dict}``.
 
+    ``domain`` picks the drawn set (:data:`.shapes.DOMAINS`: ``"shapes"`` or ``"textures"``).
     ``progress`` hears of the data drawing and of every training step.
     """
+    try:
+        classes = domain_module(domain).CLASSES
+    except ValueError as e:
+        raise EdgeExportError(str(e)) from None
     info = get_model_info(model)
     hw = parse_resolution(res, info)
     if hw[0] != hw[1]:
@@ -106,11 +114,11 @@ def train_shapes(checkpoint: str | Path, *, model: str = "shvit_s1", res: int = 
     t0 = time.perf_counter()
     try:
         emit(progress, "draw training shapes", 0, 1)
-        x, y = shapes_tensor(per_class, res, TRAIN_SEED + 10 * seed, info.mean, info.std)
-        xv, yv = shapes_tensor(val_per_class, res, VAL_SEED + 10 * seed, info.mean, info.std)
+        x, y = shapes_tensor(per_class, res, TRAIN_SEED + 10 * seed, info.mean, info.std, domain)
+        xv, yv = shapes_tensor(val_per_class, res, VAL_SEED + 10 * seed, info.mean, info.std, domain)
         emit(progress, "draw training shapes", 1, 1)
 
-        net = create_model(model, num_classes=len(CLASSES), seed=seed).train()
+        net = create_model(model, num_classes=len(classes), seed=seed).train()
         decay = [p for n, p in net.named_parameters() if p.ndim > 1]
         no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -164,5 +172,5 @@ def train_shapes(checkpoint: str | Path, *, model: str = "shvit_s1", res: int = 
         os.replace(tmp, checkpoint)
     finally:
         torch.set_num_threads(old_threads)
-    return TrainResult(checkpoint, model, res, list(CLASSES), len(x), len(xv), epochs, step, train_top1,
+    return TrainResult(checkpoint, model, res, list(classes), len(x), len(xv), epochs, step, train_top1,
                        val_top1, time.perf_counter() - t0, threads, history)

@@ -100,3 +100,4 @@ class Meta:
     std: tuple[float, float, float]
     passes: list[str]
     num_classes: int
+    preprocess: str = ""     # the eval transform an app applies first (Preprocess.describe()), for metadata

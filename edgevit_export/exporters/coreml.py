@@ -128,7 +128,7 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
                         minimum_deployment_target=getattr(ct.target, target),
                         compute_precision=compute, **kwargs)
     h, w = meta.res
-    norm = (f"RGB 0–255; ImageNet mean {tuple(meta.mean)} / std {tuple(meta.std)} applied inside the model"
+    norm = (f"RGB 0–255; mean {tuple(meta.mean)} / std {tuple(meta.std)} applied inside the model"
             if not tensor_input else f"float N×3×{h}×{w}, already normalised with mean {tuple(meta.mean)} "
                                      f"/ std {tuple(meta.std)}")
     ml.short_description = (f"{meta.model} — {meta.paper}; image classification at {h}×{w}; "
@@ -140,6 +140,8 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
         "model": meta.model, "family": meta.family, "resolution": f"{h}x{w}", "params": str(meta.params),
         "normalization": norm, "precision": precision, "target": target, "passes": ",".join(meta.passes),
         "edgevit_export.version": __version__})
+    if meta.preprocess:
+        ml.user_defined_metadata["preprocess"] = meta.preprocess
     in_name = TENSOR_INPUT if tensor_input else IMAGE_INPUT
     ml.input_description[in_name] = norm
     spec = ml.get_spec()

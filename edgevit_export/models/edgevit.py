@@ -282,6 +282,12 @@ _COMMON = dict(
     infer_kwargs=_infer_kwargs,
     weights_note="No official weights were released; checkpoints trained with the official code "
     "(saic-fi/edgevit) load as they are.",
+    # saic-fi/edgevit src/datasets.py build_transform (eval, DeiT's): Resize(int(256 / 224 * input_size),
+    # interpolation=3 = bicubic), CenterCrop(input_size), IMAGENET_DEFAULT_MEAN/STD → 0.875 bicubic.
+    crop_pct=0.875,
+    interpolation="bicubic",
+    preprocess_source="official eval transform (saic-fi/edgevit src/datasets.py: resize 256/224 bicubic, "
+    "center crop, ImageNet mean/std)",
 )
 
 

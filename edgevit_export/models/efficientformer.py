@@ -610,6 +610,11 @@ def infer_kwargs_v2(sd: dict) -> dict:
     infer_kwargs=infer_kwargs_v1,
     weights_note="timm layout (efficientformer_l1.snap_dist_in1k: head + head_dist, averaged); "
                  "position bias trained on 7×7 tokens, bicubically resampled at other sizes.",
+    # timm efficientformer.py _cfg (efficientformer_l1.snap_dist_in1k): 'crop_pct': .95,
+    # 'interpolation': 'bicubic', IMAGENET_DEFAULT_MEAN/STD.
+    crop_pct=0.95, interpolation="bicubic",
+    preprocess_source="timm efficientformer_l1.snap_dist_in1k pretrained cfg (crop_pct 0.95, bicubic, "
+                      "ImageNet mean/std)",
 )
 def efficientformer_l1(num_classes: int = 1000, distillation: bool = True) -> EfficientFormer:
     return EfficientFormer(**V1_CONFIGS["efficientformer_l1"], num_classes=num_classes, distillation=distillation)
@@ -623,6 +628,11 @@ def efficientformer_l1(num_classes: int = 1000, distillation: bool = True) -> Ef
                 "model, BatchNorm folded into the convs, which rounds to its figure.",
     weights_note="timm layout (efficientformerv2_s1.snap_dist_in1k: head + head_dist, averaged); "
                  "position-bias tables sized for img_size (224), bicubically resampled at other sizes.",
+    # timm efficientformer_v2.py _cfg (efficientformerv2_s1.snap_dist_in1k): 'crop_pct': .95,
+    # 'interpolation': 'bicubic', IMAGENET_DEFAULT_MEAN/STD.
+    crop_pct=0.95, interpolation="bicubic",
+    preprocess_source="timm efficientformerv2_s1.snap_dist_in1k pretrained cfg (crop_pct 0.95, bicubic, "
+                      "ImageNet mean/std)",
 )
 def efficientformerv2_s1(num_classes: int = 1000, distillation: bool = True, img_size: int = 224) -> EfficientFormerV2:
     return EfficientFormerV2(**V2_CONFIGS["efficientformerv2_s1"], num_classes=num_classes,

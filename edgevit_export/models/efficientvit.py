@@ -382,6 +382,13 @@ _META = dict(
     res_multiple=16, min_res=32, convert_state_dict=convert_state_dict, infer_kwargs=infer_kwargs,
     weights_note="timm's efficientvit_m* checkpoints (trained at 224) load as is, also those of older "
     "timm versions that saved attention_bias_idxs; official Cream checkpoints need timm's key mapping.",
+    # timm efficientvit_msra.py: the efficientvit_m*.r224_in1k cfgs set no crop_pct / interpolation, so
+    # timm's PretrainedCfg defaults apply (crop_pct 0.875, 'bicubic', IMAGENET_DEFAULT_MEAN/STD); the same
+    # as microsoft/Cream EfficientViT/classification/data/datasets.py (eval: Resize(int(256 / 224 *
+    # input_size), interpolation=3 = bicubic), CenterCrop).
+    crop_pct=0.875, interpolation="bicubic",
+    preprocess_source="timm efficientvit_m*.r224_in1k (PretrainedCfg defaults) = official microsoft/Cream "
+    "EfficientViT data/datasets.py: resize 256/224 bicubic, center crop, ImageNet mean/std",
 )
 
 

@@ -463,6 +463,11 @@ def infer_kwargs(sd: dict) -> dict:
 def _meta(params_m: float, gflops: float, top1: float) -> dict:
     return dict(
         family="FastViT", paper=PAPER, default_res=256, paper_params_m=params_m,
+        # timm fastvit.py _cfg (fastvit_t8/t12/sa12 .apple_in1k and .apple_dist_in1k):
+        # 'crop_pct': 0.9, 'interpolation': 'bicubic', IMAGENET_DEFAULT_MEAN/STD.
+        crop_pct=0.9, interpolation="bicubic",
+        preprocess_source="timm fastvit_*.apple_in1k / apple_dist_in1k pretrained cfg (crop_pct 0.9, bicubic, "
+                          "ImageNet mean/std)",
         paper_macs_m=gflops * 1000, paper_top1=top1, res_multiple=32, min_res=64,
         convert_state_dict=convert_state_dict, infer_kwargs=infer_kwargs,
         weights_note=("timm layout (fastvit_*.apple_in1k / apple_dist_in1k), train-time form; "

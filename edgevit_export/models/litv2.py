@@ -364,6 +364,12 @@ _META = dict(
     family="LITv2", paper="LITv2 (Pan et al., NeurIPS 2022)", default_res=224,
     res_multiple=32, min_res=64, infer_kwargs=_infer,
     weights_note="official ziplab/LITv2 checkpoints ({'model': sd}) load as they are",
+    # ziplab/LITv2 classification/data/build.py build_transform (eval, Swin's) with config.py defaults
+    # TEST.CROP = True, DATA.INTERPOLATION = 'bicubic' (the litv2-*.yaml configs keep them):
+    # Resize(int(256 / 224 * IMG_SIZE), bicubic), CenterCrop(IMG_SIZE), IMAGENET_DEFAULT_MEAN/STD.
+    crop_pct=0.875, interpolation="bicubic",
+    preprocess_source="official eval transform (ziplab/LITv2 classification/data/build.py + config.py: "
+                      "TEST.CROP, resize 256/224, DATA.INTERPOLATION bicubic, ImageNet mean/std)",
 )
 
 

@@ -227,6 +227,12 @@ _META = dict(
     res_multiple=32, min_res=32, convert_state_dict=convert_state_dict, infer_kwargs=infer_kwargs,
     weights_note="timm checkpoints (mobilenetv3_*_100) load as is; timm's miil_in21k weights expect "
     "mean 0 / std 1 inputs; timm's tf_mobilenetv3_* use TF 'same' padding and BN eps 1e-3 (not this model).",
+    # timm mobilenetv3.py: _cfg defaults to crop_pct 0.875 / 'bilinear', but the checkpoints this
+    # model loads override it: 'mobilenetv3_large_100.ra_in1k' and 'mobilenetv3_small_100.lamb_in1k'
+    # are _cfg(interpolation='bicubic', …) → 0.875 bicubic, IMAGENET_DEFAULT_MEAN/STD.
+    crop_pct=0.875, interpolation="bicubic",
+    preprocess_source="timm mobilenetv3_large_100.ra_in1k / mobilenetv3_small_100.lamb_in1k pretrained cfg "
+    "(crop_pct 0.875; interpolation='bicubic' overrides _cfg's bilinear; ImageNet mean/std)",
 )
 
 

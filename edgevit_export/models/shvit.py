@@ -263,6 +263,11 @@ def _register(variant, default_res, params, macs, top1):
         res_multiple=16, min_res=64,
         convert_state_dict=from_timm_layout, infer_kwargs=_infer,
         weights_note="official {'model': sd} or timm layout; distilled head_dist detected",
+        # ysj9909/SHViT data/datasets.py build_transform (eval): Resize(int(256 / 224 * input_size),
+        # interpolation=3 = bicubic), CenterCrop(input_size), IMAGENET_DEFAULT_MEAN/STD → 0.875 bicubic.
+        crop_pct=0.875, interpolation="bicubic",
+        preprocess_source="official eval transform (ysj9909/SHViT data/datasets.py: resize 256/224 bicubic, "
+                          "center crop, ImageNet mean/std)",
     )(builder)
 
 
