@@ -244,6 +244,25 @@ def test_non_images_and_corrupt_images_are_skipped_and_named(cli, trained, tmp_p
     cal = _manifest(out)["calibration"]
     assert cal["images"] == 20 and cal["requested"] == 64 and cal["non_image_files_skipped"] == 2
     assert {Path(c["path"]).name for c in cal["corrupt_skipped"]} == {"broken.png", "truncated.jpg"}
+    # without --eval: the held-out files are only the corrupt ones, so the comparison falls back to the
+    # calibration images (it used to fail with "no readable evaluation images")
+    res = cli("quantize", trained.onnx, "--calib", calib, "--calib-size", 64, "--sensitivity", 0,
+              "--max-drop", 100, "--out", tmp_path / "noeval", "--threads", THREADS)
+    assert res.exit_code == 0, res.output
+    ev = _manifest(tmp_path / "noeval")["evaluation"]
+    assert ev["images"] == 20 and "calibration images themselves" in ev["note"]
+
+
+def test_random_weights_are_measured_not_gated(cli, tmp_path):
+    """The README's smoke run: no --weights, synthetic calibration. int8 flips near-tied random
+    logits; that is recorded, said not to be a gate, and exits 0."""
+    res = cli("quantize", "shvit_s1", "--res", 64, "--calib", "synthetic", "--calib-size", 8, "--eval-size", 24,
+              "--sensitivity", 0, "--max-drop", 0, "--out", tmp_path, "--threads", THREADS)
+    assert res.exit_code == 0, res.output
+    g = _manifest(tmp_path)["gate"]
+    assert g["gated"] is False and g["passed"] is True and "random weights" in g["note"]
+    assert g["within"] == (g["drop"] <= 0)
+    assert "INFO top-1 disagreement with float (%)" in res.output and "not gated" in res.output
 
 
 @pytest.mark.parametrize("case, message", [

@@ -26,7 +26,7 @@ def pte_int8(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8-pte")
     res = CliRunner().invoke(app, [str(a) for a in (
         "quantize", "shvit_s1", "--res", 64, "--weights", trained.ckpt, "--format", "pte", "--calib", trained.calib,
-        "--calib-size", 32, "--eval", trained.test, "--eval-size", 200, "--max-drop", 1.0, "--out", out,
+        "--calib-size", 32, "--eval", trained.test, "--eval-size", 200, "--max-drop", 1.0, "--sensitivity", 8, "--out", out,
         "--threads", THREADS)])
     path = out / "shvit_s1-64.int8.pte.json"
     return SimpleNamespace(res=res, out=out, artifact=out / "shvit_s1-64.int8.pte",

@@ -162,8 +162,9 @@ def register(app, console, handle_errors) -> None:
                                                                                 "the default)."),
         palettize: Optional[int] = typer.Option(None, "--palettize", help="Core ML: 4 | 6 | 8-bit palettized "
                                                                           "weights (k-means)."),
-        sensitivity: int = typer.Option(8, "--sensitivity", help="Images for the per-layer sensitivity table "
-                                                                 "(0: skip)."),
+        sensitivity: Optional[int] = typer.Option(None, "--sensitivity", help="Images for the per-layer "
+                                                  "sensitivity table (default: 8 when the gate fails or with "
+                                                  "--keep-float auto; 0: skip)."),
         out: Path = typer.Option(Path("exports"), "--out", help="Output directory."),
         threads: int = typer.Option(2, "--threads", help="CPU threads for onnxruntime / PyTorch."),
         force: bool = typer.Option(False, "--force", help="Replace existing files."),

@@ -79,7 +79,7 @@ class QuantizeOptions:
     format: str = "onnx"
     weights_bits: int | None = None
     palettize: int | None = None
-    sensitivity_samples: int = 8
+    sensitivity_samples: int | None = None   # None: 8 images when the table is needed, else none
     out: str | Path = "exports"
     force: bool = False
     threads: int = 2
@@ -96,7 +96,7 @@ class QuantizeOptions:
             raise EdgeExportError(f"--max-drop must be a non-negative number of top-1 points, got {self.max_drop}")
         at_least_one("--eval-size", self.eval_size)
         at_least_one("--threads", self.threads)
-        if self.sensitivity_samples < 0:
+        if self.sensitivity_samples is not None and self.sensitivity_samples < 0:
             raise EdgeExportError(f"--sensitivity must be 0 or more images, got {self.sensitivity_samples}")
         keep = parse_keep_float(self.keep_float)
         at_least_one("--keep-float-max", self.keep_float_max)
@@ -108,6 +108,15 @@ class QuantizeOptions:
         if self.format in ("pte", "tflite"):
             return self._validated_pt2e(keep)
         return self._validated_coreml(keep)
+
+    def sensitivity_images(self, needed: bool) -> int:
+        """Images for the per-layer sensitivity table: as many as ``--sensitivity`` says (at least 4
+        for keep-float auto), or by default 8 when the table is ``needed`` (the gate failed or
+        keep-float auto runs) and none otherwise — at 1024² it costs more than calibrating."""
+        auto = self.keep_float == "auto"
+        if self.sensitivity_samples is None:
+            return 8 if needed or auto else 0
+        return max(self.sensitivity_samples, 4) if auto else self.sensitivity_samples
 
     def _static_int8(self, methods: tuple[str, ...]) -> None:
         """What both static int8 formats (ONNX QDQ, ExecuTorch PT2E) need."""

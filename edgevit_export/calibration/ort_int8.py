@@ -205,7 +205,7 @@ class _Int8:
             self._int8_fn = acc.OrtPredictor(self.staged, threads=opts.threads)
             lg, comparison = float_vs_quantized(acc.OrtPredictor(self.pre_path, threads=opts.threads),
                                                 self._int8_fn, ev_src, ev_info, step, "evaluate float + int8")
-        sens = self._sensitivity()
+        sens = self._sensitivity(comparison.drop > opts.max_drop and not _random(job.target, opts))
         baseline, steps, ranking = None, [], []
         if opts.keep_float == "auto" and comparison.drop > opts.max_drop:
             baseline = comparison
@@ -252,12 +252,12 @@ class _Int8:
         quantize_qdq(self.pre_path, self.staged, self.cache, self.opts.method, per_channel=self.opts.per_channel,
                      reduce_range=self.opts.reduce_range, exclude=self.float_default + self.excluded)
 
-    def _sensitivity(self) -> list[Sensitivity]:
-        """Per-layer sensitivity on a few calibration images (at least 4 for keep-float auto)."""
+    def _sensitivity(self, needed: bool) -> list[Sensitivity]:
+        """Per-layer sensitivity on a few calibration images (:meth:`QuantizeOptions.sensitivity_images`)."""
         opts, src, pre = self.opts, self.job.calib_src, self.job.target.preprocess
-        if opts.sensitivity_samples == 0 and opts.keep_float != "auto":
+        n = opts.sensitivity_images(needed)
+        if n == 0:
             return []
-        n = max(opts.sensitivity_samples, 4) if opts.keep_float == "auto" else opts.sensitivity_samples
         if src.synthetic:
             s_src = SyntheticSource(n, pre, seed=opts.seed)
         else:
@@ -292,6 +292,12 @@ class _Int8:
                               f"float; the drop is still {final.drop:.2f} > {opts.max_drop:g}; try --method "
                               "percentile or entropy, more calibration images, or --per-channel")
         return final, r.steps, r.ranking
+
+
+def _random(target, opts) -> bool:
+    from .quantize import random_weights
+
+    return random_weights(target, opts)
 
 
 def quantize_onnx(job: Job, step: Callback | None) -> QuantizeResult:

@@ -345,9 +345,9 @@ class Pt2eInt8:
 
     def _sensitivity(self, int8_gm) -> list[Sensitivity]:
         opts = self.opts
-        if opts.sensitivity_samples == 0 and opts.keep_float != "auto":
+        n = opts.sensitivity_images(False)
+        if n == 0:
             return []
-        n = max(opts.sensitivity_samples, 4) if opts.keep_float == "auto" else opts.sensitivity_samples
         images = []
         for x in self._calibration_images():
             images.append(x)

@@ -35,7 +35,7 @@ RANDOM_WEIGHTS = ("not gated: random weights — how far quantization moves a ra
                   "nothing about your trained one (its logits are near-ties); pass --weights for a gated run")
 
 
-def _random_weights(target, opts) -> bool:
+def random_weights(target, opts) -> bool:
     """A zoo model without --weights, or an .onnx whose manifest says it was exported so."""
     if target.kind == "model":
         return opts.weights is None
@@ -63,7 +63,7 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
              eval_dir: str | Path | None = None, labels: str | Path | None = None, eval_size: int | None = None,
              max_drop: float = 1.0, keep_float: str | list[str] | None = None, keep_float_max: int = AUTO_MAX_STEPS,
              format: str = "onnx",
-             weights_bits: int | None = None, palettize: int | None = None, sensitivity_samples: int = 8,
+             weights_bits: int | None = None, palettize: int | None = None, sensitivity_samples: int | None = None,
              out: str | Path = "exports", force: bool = False, threads: int = 2, seed: int = 0,
              int8_io: bool = False, crop_pct=None, interpolation: str | None = None, mean=None, std=None,
              progress: Callback | None = None) -> QuantizeResult:
@@ -112,7 +112,7 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
         job = Job(target, opts, calib_src, calib_scan, eval_set, tmp, artifact, manifest_path)
         result = {"onnx": quantize_onnx, "pte": quantize_pte, "tflite": quantize_tflite,
                   "coreml": compress_coreml}[opts.format](job, progress)
-        if _random_weights(target, opts):
+        if random_weights(target, opts):
             result.gated, result.gate_note = False, RANDOM_WEIGHTS
             result.manifest["gate"] = result.gate_dict()
         result.seconds["total"] = time.perf_counter() - t0
