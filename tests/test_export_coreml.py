@@ -58,6 +58,7 @@ def _checkpoint(tmp_path, scale_head: float = 1.0):
     return path
 
 
+@pytest.mark.slow   # ~20-30 s (tier trimmed for the 15-minute budget)
 def test_fp16_check_is_gated_with_weights(cli, tmp_path):
     # with --weights the fp16 check is a gate: logits beyond fp16's range (65504) fail it
     bad = cli("export", "shvit_s1", "--format", "coreml", "--res", "64", "--weights",
@@ -86,6 +87,7 @@ def test_classifier_labels_are_imagenet_names(s1_coreml):
     assert s1_coreml.manifest["backend"]["labels"] == "imagenet-1k"
 
 
+@pytest.mark.slow   # ~20-30 s (tier trimmed for the 15-minute budget)
 def test_tensor_input_and_logits(tmp_path):
     r = api.export("shvit_s1", format="coreml", res=64, out=tmp_path, tensor_input=True, logits=True,
                    precision="fp32", target="iOS17")

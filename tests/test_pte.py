@@ -113,6 +113,7 @@ def _lowered(module, names):
     return pte.report(r.program, X)["detail"]
 
 
+@pytest.mark.slow   # ~20-30 s (tier trimmed for the 15-minute budget)
 def test_the_pte_pipeline_takes_everything_into_one_xnnpack_delegate():
     plain = _lowered(Attention(), [])
     assert plain["delegate_subgraphs"] > 1 and plain["nodes_portable"] > 0
