@@ -24,7 +24,7 @@ from .rescue import SENSITIVITY_CANDIDATES, Candidate, from_sensitivity, merge, 
 from .results import Job, QuantizeResult, manifest, timed
 from .options import known_nodes
 from .sensitivity import Sensitivity, sensitivity
-from .target import random_init_note
+from .target import random_init_note, random_weights
 
 SCHEME_TOOL = "onnxruntime.quantization (quant_pre_process + quantize_static, QDQ)"
 
@@ -202,10 +202,11 @@ class _Int8:
         # evaluation: float once, int8 per attempt
         with timed(self.seconds, "evaluate"):
             ev_src, ev_info = eval_source(job.eval_set, opts.eval_size, job.target, job.calib_src, opts.seed)
+            self._float_fn = acc.OrtPredictor(self.pre_path, threads=opts.threads)
             self._int8_fn = acc.OrtPredictor(self.staged, threads=opts.threads)
-            lg, comparison = float_vs_quantized(acc.OrtPredictor(self.pre_path, threads=opts.threads),
-                                                self._int8_fn, ev_src, ev_info, step, "evaluate float + int8")
-        sens = self._sensitivity(comparison.drop > opts.max_drop and not _random(job.target, opts))
+            lg, comparison = float_vs_quantized(self._float_fn, self._int8_fn, ev_src, ev_info, step,
+                                                "evaluate float + int8")
+        sens = self._sensitivity(comparison.drop > opts.max_drop and not random_weights(job.target, opts))
         baseline, steps, ranking = None, [], []
         if opts.keep_float == "auto" and comparison.drop > opts.max_drop:
             baseline = comparison
@@ -248,9 +249,12 @@ class _Int8:
             self.notes.append(random_init_note(target.name))
         return r.artifact, r.manifest
 
-    def _quantize(self) -> None:
+    def _quantize(self, excluded: list[str] | None = None) -> None:
+        """The int8 program into ``staged``: the default float set plus ``excluded`` (default: the
+        nodes kept float so far) in float, with the one calibration."""
         quantize_qdq(self.pre_path, self.staged, self.cache, self.opts.method, per_channel=self.opts.per_channel,
-                     reduce_range=self.opts.reduce_range, exclude=self.float_default + self.excluded)
+                     reduce_range=self.opts.reduce_range,
+                     exclude=self.float_default + (self.excluded if excluded is None else excluded))
 
     def _sensitivity(self, needed: bool) -> list[Sensitivity]:
         """Per-layer sensitivity on a few calibration images (:meth:`QuantizeOptions.sensitivity_images`)."""
@@ -273,14 +277,11 @@ class _Int8:
         cands = merge(culprits(self.pre_path), from_sensitivity(sens, SENSITIVITY_CANDIDATES),
                       self.float_default + self.excluded, opts.keep_float_max)
         images, note = rank_images(self.job.calib_src, ev_src, opts.seed)
-        float_fn = acc.OrtPredictor(self.pre_path, threads=opts.threads)
-
         def build(excluded: list[str]):
-            quantize_qdq(self.pre_path, self.staged, self.cache, opts.method, per_channel=opts.per_channel,
-                         reduce_range=opts.reduce_range, exclude=self.float_default + excluded)
+            self._quantize(excluded)
             return acc.OrtPredictor(self.staged, threads=opts.threads)
 
-        r = rescue(cands, self.excluded, lg, ev_src, images, float_fn, self._int8_fn, build, opts, comparison,
+        r = rescue(cands, self.excluded, lg, ev_src, images, self._float_fn, self._int8_fn, build, opts, comparison,
                    self.step)
         self.excluded[:] = r.excluded
         if note:
@@ -292,12 +293,6 @@ class _Int8:
                               f"float; the drop is still {final.drop:.2f} > {opts.max_drop:g}; try --method "
                               "percentile or entropy, more calibration images, or --per-channel")
         return final, r.steps, r.ranking
-
-
-def _random(target, opts) -> bool:
-    from .quantize import random_weights
-
-    return random_weights(target, opts)
 
 
 def quantize_onnx(job: Job, step: Callback | None) -> QuantizeResult:

@@ -27,19 +27,12 @@ from .ort_int8 import quantize_onnx
 from .pte_int8 import quantize_pte
 from .tflite_int8 import quantize_tflite
 from .results import Job, QuantizeResult, manifest_json
-from .target import resolve_target
+from .target import random_weights, resolve_target
 
 __all__ = ["quantize"]
 
 RANDOM_WEIGHTS = ("not gated: random weights — how far quantization moves a randomly initialised network says "
                   "nothing about your trained one (its logits are near-ties); pass --weights for a gated run")
-
-
-def random_weights(target, opts) -> bool:
-    """A zoo model without --weights, or an .onnx whose manifest says it was exported so."""
-    if target.kind == "model":
-        return opts.weights is None
-    return bool((target.float_manifest or {}).get("random_init"))
 
 
 @contextlib.contextmanager

@@ -77,10 +77,9 @@ def merge(culprits: list[Candidate], sens_candidates: list[Candidate], excluded:
     """The table's first suspect, the culprit groups, then the rest of the table's rows; nothing
     already float, no node set twice; at most ``CANDIDATES_PER_STEP`` per step allowed."""
     limit = min(MAX_CANDIDATES, CANDIDATES_PER_STEP * max_steps)
-    seen, out = set(), []
-    culprits, sens_candidates = sens_candidates[:1] + culprits, sens_candidates[1:]
-    for c in culprits + sens_candidates:
-        nodes = [n for n in dict.fromkeys(c.nodes) if n not in set(excluded)]
+    seen, out, already = set(), [], set(excluded)
+    for c in sens_candidates[:1] + culprits + sens_candidates[1:]:
+        nodes = [n for n in dict.fromkeys(c.nodes) if n not in already]
         key = frozenset(nodes)
         if not nodes or key in seen:
             continue
@@ -97,7 +96,6 @@ class Rescue:
     ranking: list[Candidate] = field(default_factory=list)   # tried, best first (gain_db set)
     comparison: acc.Comparison | None = None                 # of the program left built; None: unchanged
     excluded: list[str] = field(default_factory=list)        # the float set of that program
-    rank_images: int = 0
 
 
 def rescue(candidates: list[Candidate], excluded: list[str], lg: acc.Logits, ev_images, rank_images: list,
@@ -106,22 +104,27 @@ def rescue(candidates: list[Candidate], excluded: list[str], lg: acc.Logits, ev_
     """Rank ``candidates`` on ``rank_images`` (preprocessed arrays), then revert them greedily
     against ``lg`` (the float logits of ``ev_images``), starting from ``excluded``, whose program
     ``base_fn`` runs and ``baseline`` measured."""
-    out = Rescue(excluded=list(excluded), rank_images=len(rank_images))
+    out = Rescue(excluded=list(excluded))
     if not candidates:
         return out
-    last = {"built": list(excluded)}
+    built = list(excluded)      # the float set of the program ``build`` left last
 
     def build_(excl: list[str]):
-        last["built"] = list(excl)
+        nonlocal built
+        built = list(excl)
         return build(excl)
-    x_rank = np.stack(rank_images) if rank_images else None
-    ref = np.asarray(float_fn(x_rank), np.float32) if x_rank is not None else None
+
+    def logits(pred) -> np.ndarray:     # in chunks: a batch of 32 at 1024² does not fit in memory
+        return np.concatenate([np.asarray(pred(np.stack(rank_images[i:i + 8])), np.float32)
+                               for i in range(0, len(rank_images), 8)])
+
+    ref = logits(float_fn) if rank_images else None
 
     def rank_sqnr(pred) -> float:
-        return metrics.sqnr_db(ref, np.asarray(pred(x_rank), np.float32))
+        return metrics.sqnr_db(ref, logits(pred))
 
     # 1. rank: each candidate alone on top of what is already float
-    if x_rank is not None:
+    if rank_images:
         base_db = rank_sqnr(base_fn)
         for i, c in enumerate(candidates, 1):
             emit(progress, "rank keep-float candidates", i - 1, len(candidates))
@@ -154,7 +157,7 @@ def rescue(candidates: list[Candidate], excluded: list[str], lg: acc.Logits, ev_
                                        cmp.drop, kept=better))
         if better:
             best, best_excl = cmp, trial
-    if last["built"] != best_excl:   # the last program built is not the best: build the best again
+    if built != best_excl:   # the last program built is not the best: build the best again
         emit(progress, "rebuild the best keep-float program")
         build(best_excl)
     out.comparison = best if best is not baseline else None

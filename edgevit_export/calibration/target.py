@@ -145,5 +145,12 @@ def _parse_res_loose(res) -> tuple[int, int]:
 
 
 
+def random_weights(target: Target, opts) -> bool:
+    """A zoo model without --weights, or an .onnx whose manifest says it was exported so."""
+    if target.kind == "model":
+        return opts.weights is None
+    return bool((target.float_manifest or {}).get("random_init"))
+
+
 def random_init_note(name: str) -> str:
     return f"no --weights: {name} is randomly initialised; its accuracy means nothing"
