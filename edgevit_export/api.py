@@ -14,8 +14,10 @@ import torch
 from . import __version__
 from .calibration.data import Preprocess, PreprocessOverrides
 from .errors import CannotRun, CheckFailed, EdgeExportError
-from .exporters.check import Gate, as_nchw, judge, raw_scale, reference_input, seeded_feeds, torch_outputs, write_golden
-from .measure import count_macs, count_params, skeleton
+from . import features as _features
+from .exporters.check import (Gate, as_nchw, in_order, judge_outputs, raw_scale, reference_input, seeded_feeds,
+                              torch_outputs, write_golden)
+from .measure import count_macs, count_params, program_params, skeleton
 from .passes import PassContext, resolve_passes, run_passes
 from .passes.pipeline import PipelineResult
 from .progress import Callback, emit
@@ -104,6 +106,7 @@ def export(
     interpolation: str | None = None,
     mean: str | tuple[float, float, float] | None = None,
     std: str | tuple[float, float, float] | None = None,
+    features: str | None = None,
     progress: Callback | None = None,
 ) -> ExportResult:
     """Capture → passes → ``format.convert`` → ``format.load`` → parity + structure, one model at one
@@ -120,6 +123,10 @@ def export(
     reported in the result (``passed`` false) with the artifact kept. Format flags (``opset``;
     ``target``, ``precision``, ``tensor_input``, ``labels``, ``logits``) go to the format's
     ``validate_options``, which takes those that concern it.
+
+    ``features``: export the backbone instead of the classifier — no pooling, no head; the outputs
+    are the feature maps in ``model.feature_info`` (``"all"``, or names such as ``"s16,s32"``),
+    named by stride, each checked against PyTorch on its own scale.
     """
     from . import exporters
     from .exporters import artifacts
@@ -130,12 +137,14 @@ def export(
     if batch < 1:
         raise EdgeExportError(f"--batch must be at least 1, got {batch}")
     options = backend.validate_options(output=output, opset=opset, target=target, precision=precision,
-                                       labels=labels, tensor_input=tensor_input, logits=logits, layout=layout)
+                                       labels=labels, tensor_input=tensor_input, logits=logits, layout=layout,
+                                       features=features is not None)
     pass_names = resolve_passes(passes, format, tensor_input=options.get("tensor_input", False))
     if not options.get("tensor_input", True) and "normalize_input" not in pass_names:
         pass_names.append("normalize_input")  # an image input takes raw pixels: part of the input contract
     info = get_model_info(name)
-    hw = parse_resolution(res, info)
+    hw = parse_resolution(res, info, features=features is not None)
+    picked = _features.select(skeleton(info.builder), features) if features is not None else None
     pre = Preprocess.of_model(info, hw, overrides)
     if output is not None:
         artifact = Path(output).expanduser()
@@ -151,13 +160,17 @@ def export(
     emit(progress, "build model")
     info, hw, model, random_init = prepare_model(name, hw, weights, distilled, mean=pre.mean, std=pre.std)
     example = torch.randn(batch, 3, *hw, generator=torch.Generator().manual_seed(0))
-    num_classes = _num_classes(model, example)
+    classifier = model
+    if picked is not None:
+        model = _features.Backbone(classifier, picked)
+    num_classes = _num_classes(model, example) if picked is None else 0
     given = options.get("labels")
     if given is not None and len(given) != num_classes:
         raise EdgeExportError(f"--labels has {len(given)} names but the model has {num_classes} classes; "
                               "give exactly one name per class, one per line")
     emit(progress, "capture (torch.export)")
     ep = capture(model, example)
+    params_used = program_params(ep)   # before the passes fold anything: the parameters the outputs need
     timings["capture"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -175,8 +188,10 @@ def export(
                      "layout": options.get("layout", "nchw")}
     if pipe.raw_input:
         pre = replace(pre, raw_scale=pipe.input_scale)     # the app feeds raw pixels; the graph normalises
-    meta = exporters.Meta(name, info.family, info.paper, hw, count_params(model), pre.mean, pre.std,
-                          [p.name for p in pipe.passes], num_classes, pre.describe())
+    params = count_params(classifier) if picked is None else params_used
+    meta = exporters.Meta(name, info.family, info.paper, hw, params, pre.mean, pre.std,
+                          [p.name for p in pipe.passes], num_classes, pre.describe(),
+                          features=model.features if picked is not None else None)
 
     checks: dict[str, dict] = {}
     golden_kept = 0
@@ -200,11 +215,11 @@ def export(
             except CannotRun as e:   # the artifact is written; the check could not run it
                 checks["parity"] = {"passed": False, "summary": str(e)}
             else:
-                compared = list(outs[0])
-                checks["parity"] = judge([o[compared[0]] for o in outs], [r[0] for r in refs],
-                                         backend.gate(options, trained=not random_init),
-                                         f"pytorch fp32 ({runner.runtime}, saved artifact, {', '.join(compared)})")
-                checks["program"] = _program_parity(pipe, model, feeds, refs, in_name, normalization)
+                compared = model.output_names if picked is not None else list(outs[0])[:1]
+                checks["parity"] = judge_outputs([in_order(o, compared) for o in outs], refs, compared,
+                                                 backend.gate(options, trained=not random_init),
+                                                 f"pytorch fp32 ({runner.runtime}, saved artifact, {', '.join(compared)})")
+                checks["program"] = _program_parity(pipe, feeds, refs, compared, in_name, normalization)
                 golden_kept = write_golden(tmp / golden_path.name, feeds, refs, compared)
         timings["check"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
@@ -221,6 +236,8 @@ def export(
             "random_init": random_init,
             "params": meta.params,
             "macs": count_macs(model, hw, batch),
+            "task": "features" if picked is not None else "classification",
+            "features": [f.as_dict() for f in model.features] if picked is not None else None,
             "normalization": normalization,
             "preprocess": pre.as_dict(),
             "io": facts.pop("io"),
@@ -246,14 +263,13 @@ def export(
                         parity=checks.get("parity"), checks=checks, random_init=random_init, seconds=timings)
 
 
-def _program_parity(pipe: PipelineResult, model, feeds, refs, in_name: str, normalization: dict) -> dict:
+def _program_parity(pipe: PipelineResult, feeds, refs, names: list[str], in_name: str, normalization: dict) -> dict:
     """Second opinion, cheap: the rewritten torch program handed to the converter, in fp32 —
     separates what the passes did from what the converter and runtime did."""
     gm = pipe.program.module()
-    with torch.no_grad():
-        outs = [gm(as_nchw(f[in_name], normalization)).numpy() for f in feeds]
-    return judge(outs, [r[0] for r in refs], Gate(PROGRAM_TOLERANCE), "pytorch fp32 (rewritten torch program, "
-                 "as handed to the converter)")
+    outs = [torch_outputs(gm, as_nchw(f[in_name], normalization)) for f in feeds]
+    return judge_outputs(outs, refs, names, Gate(PROGRAM_TOLERANCE), "pytorch fp32 (rewritten torch program, "
+                         "as handed to the converter)")
 
 
 def _refuse_high_rank(pipe: PipelineResult, pass_names: list[str], fmt) -> None:
@@ -355,18 +371,20 @@ def check(artifact: str | Path, *, weights: str | None = None, progress: Callbac
     if weights is not None:
         emit(progress, "rebuild the PyTorch model")
         _, _, model, _ = prepare_model(manifest["model"], tuple(manifest["resolution"]), weights, None)
+        if manifest.get("features"):   # a backbone export: the same outputs of the same model
+            model = _features.Backbone(model, _features.select(model, ",".join(f["name"] for f in manifest["features"])))
+            names = names or model.output_names
         refs = [torch_outputs(model, reference_input(f[in_name], manifest["normalization"])) for f in feeds]
         source = f"PyTorch {manifest['model']} with {weights}" + (f" on the inputs of {golden.name}" if names else "")
         gate = Gate(gate.tolerance, gate.min_cosine, gated=True)
     emit(progress, "run the artifact")
     outs = [runner.numeric(f) for f in feeds]
-    compared = names or list(outs[0])
-    missing = [n for n in compared if n not in outs[0]]
-    if missing:
-        raise EdgeExportError(f"{path.name} has no output '{missing[0]}' that the golden file holds; "
+    compared = names or list(outs[0])[:1]
+    if len(outs[0]) < len(compared) or (len(compared) == 1 and compared[0] not in outs[0]):
+        raise EdgeExportError(f"{path.name} has no output '{compared[-1]}' that the golden file holds; "
                               "the artifact does not belong to this golden file — re-export it")
-    parity = judge([o[compared[0]] for o in outs], [r[0] for r in refs], gate,
-                   f"{source} ({runner.runtime}, {', '.join(compared)})")
+    parity = judge_outputs([in_order(o, compared) for o in outs], refs, compared, gate,
+                           f"{source} ({runner.runtime}, {', '.join(compared)})")
     return CheckReport(path, fmt.name, manifest.get("model", "?"), runner.runtime, source, parity,
                        manifest.get("sha256") == artifacts.sha256(path))
 
@@ -532,14 +550,16 @@ class ModelReport:
     res: tuple[int, int]
     stages: list
     info: ModelInfo
+    features: list = field(default_factory=list)   # (Feature, measured output shape) for --features
 
 
 def info(name: str, res=None) -> ModelReport:
-    from .measure import stage_shapes
+    from .measure import feature_shapes, stage_shapes
 
     meta = get_model_info(name)
     s, hw, model = _summary(meta, res)
-    return ModelReport(s, hw, stage_shapes(model, hw), meta)
+    return ModelReport(s, hw, stage_shapes(model, hw), meta,
+                       list(zip(_features.feature_info(model), feature_shapes(model, hw))))
 
 
 # --- inspect: the mobile-unfriendliness report --------------------------------------------------

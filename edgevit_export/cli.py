@@ -53,6 +53,11 @@ def handle_errors(fn):
     return wrapper
 
 
+FEATURES_HELP = ("Export the backbone: no pooling or classifier; outputs are the feature maps detection and "
+                 "segmentation heads take, named by stride (feat_s16, …). Bare: all of them; or a subset, e.g. "
+                 "--features s16,s32 ('edgevit-export info MODEL' lists them).")
+
+
 def _fmt_m(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{v:,.{digits}f}"
 
@@ -127,6 +132,13 @@ def info(
     for st in r.stages:
         t.add_row(st.name, "×".join(str(d) for d in st.shape), str(st.channels), f"{st.tokens:,}")
     console.print(t)
+    f = Table(title="backbone outputs (export --features)", title_justify="left")
+    for col in ("output", "stride", "channels", "shape", "from"):
+        f.add_column(col, justify="right" if col in ("stride", "channels") else "left")
+    for feat, shape in r.features:
+        f.add_row(feat.name, str(feat.stride), str(feat.channels), "×".join(str(d) for d in shape),
+                  feat.module + (f" → {feat.norm}" if feat.norm else ""))
+    console.print(f)
 
 
 @app.command()
@@ -155,10 +167,11 @@ def export(
     mean: Optional[str] = typer.Option(None, "--mean", help=PRE_HELP["mean"] + " What the artifact expects "
                                        "(Core ML: baked into the image input's normalisation)."),
     std: Optional[str] = typer.Option(None, "--std", help=PRE_HELP["std"]),
+    features: Optional[str] = typer.Option(None, "--features", help=FEATURES_HELP),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the parity/structure checks."),
     force: bool = typer.Option(False, "--force", help="Replace existing files."),
 ):
-    """Capture → op-rewrite passes → ONNX / Core ML → check against PyTorch."""
+    """Capture → op-rewrite passes → ONNX / Core ML / ExecuTorch / LiteRT → check against PyTorch."""
     from . import api
 
     started = time.perf_counter()
@@ -177,7 +190,7 @@ def export(
                        passes=passes, distilled=distilled, target=target, precision=precision,
                        tensor_input=tensor_input, labels=str(labels) if labels else None, logits=logits,
                        layout=layout, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
-                       progress=progress)
+                       features=features, progress=progress)
     render_passes(r.pipeline)
     render_checks(r.checks)
     golden = (f"\n[bold green]wrote[/] {r.manifest_path.with_name(r.manifest['golden']['file'])}  "
@@ -225,10 +238,13 @@ def render_checks(checks: dict) -> None:
             mark = "[cyan]INFO[/]"
         if "max_rel" in c:
             cos = f" ≥ {c['min_cosine']:g}" if c.get("min_cosine") else ""
+            agree = f"top-1 agreement {c['top1_agree'] * 100:.0f}% " if "top1_agree" in c else ""
+            per = c.get("outputs")
             console.print(f"{mark} {name} vs {c.get('reference', 'pytorch')}: max abs {c['max_abs']:.2e}, "
-                          f"max rel {c['max_rel']:.2e} (≤ {c['tolerance']:g}), cosine {c['cosine']:.6f}{cos}, "
-                          f"top-1 agreement {c['top1_agree'] * 100:.0f}% over {c['samples']} inputs",
-                          highlight=False)
+                          f"max rel {c['max_rel']:.2e} (≤ {c['tolerance']:g}{', worst ' + c['worst'] if per else ''}),"
+                          f" cosine {c['cosine']:.6f}{cos}, {agree}over {c['samples']} inputs", highlight=False)
+            for out, o in (per or {}).items():   # a backbone: each feature map on its own scale
+                console.print(f"     {out}: max rel {o['max_rel']:.2e}, cosine {o['cosine']:.6f}", highlight=False)
             if c.get("note"):
                 console.print(f"     [dim]{c['note']}[/]", highlight=False)
         else:
@@ -326,7 +342,8 @@ def run_cmd(
     console.print(f"[bold]{r.artifact.name}[/] in {r.runtime}  [dim]({r.seconds:.2f}s)[/]", highlight=False)
     console.print(f"[dim]input: {r.preprocess}[/]", highlight=False)
     if r.random_init:
-        console.print("[yellow]this artifact was exported with random weights: its classes mean nothing[/]")
+        what = "its classes" if r.predictions else "its outputs"
+        console.print(f"[yellow]this artifact was exported with random weights: {what} mean nothing[/]")
     for p in r.predictions:
         console.print(f"[bold]{p.source}[/] — {r.probabilities}:", highlight=False, soft_wrap=True)
         t = Table()
@@ -378,9 +395,23 @@ def _register_commands() -> None:
 _register_commands()
 
 
+# Options whose value may be left out: given bare, they take this value (typer has no optional values).
+OPTIONAL_VALUES = {"--features": "all"}
+
+
+def argv(args: list[str]) -> list[str]:
+    """``--features`` given bare (last, or followed by another option) → ``--features all``."""
+    out = []
+    for i, a in enumerate(args):
+        out.append(a)
+        if a in OPTIONAL_VALUES and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append(OPTIONAL_VALUES[a])
+    return out
+
+
 def main() -> None:
     try:
-        app(standalone_mode=True)
+        app(args=argv(sys.argv[1:]), standalone_mode=True)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

@@ -28,6 +28,16 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def program_params(program: torch.export.ExportedProgram) -> int:
+    """Parameters a captured program reads (a backbone capture leaves the classifier's unused)."""
+    from torch.export.graph_signature import InputKind
+
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    state = program.state_dict
+    return sum(state[s.target].numel() for s in program.graph_signature.input_specs
+               if s.kind == InputKind.PARAMETER and placeholders[s.arg.name].users)
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, res: tuple[int, int], batch: int = 1) -> int:
     """Multiply-accumulates of one forward pass (FlopCounterMode counts 2 FLOPs per MAC)."""
@@ -71,3 +81,12 @@ def stage_shapes(model: nn.Module, res: tuple[int, int]) -> list[StageShape]:
         for h in hooks:
             h.remove()
     return out
+
+
+@torch.no_grad()
+def feature_shapes(model: nn.Module, res: tuple[int, int]) -> list[tuple[int, ...]]:
+    """The shape of each map in ``model.feature_info`` at ``res`` (as ``export --features`` outputs them)."""
+    model.eval()
+    outs = model.forward_intermediates(torch.zeros(1, 3, *res, device=_device(model)),
+                                       list(range(len(model.feature_info))))
+    return [tuple(o.shape) for o in outs]

@@ -43,6 +43,9 @@ class ModelInfo:
     # Which input sizes the architecture takes: H and W multiples of res_multiple, >= min_res.
     res_multiple: int = 32
     min_res: int = 64
+    # How the family's official detection code takes sizes that are not multiples of res_multiple:
+    # "" (it does not: refused), or how it pads (then ``export --features`` pads the same way).
+    features_pad: str = ""
     # Checkpoint handling: map a foreign layout (e.g. timm's) to ours; infer builder kwargs
     # (distillation head, number of classes) from a state dict in our layout.
     convert_state_dict: Callable[[dict], dict] | None = field(default=None, repr=False)
@@ -67,15 +70,26 @@ class ModelInfo:
         digits = len(text.split(".")[1]) if isinstance(self.paper_params_m, float) and "." in text else 0
         return abs(p - self.paper_params_m) <= 0.01 * self.paper_params_m or round(p, digits) == self.paper_params_m
 
-    def check_resolution(self, res: tuple[int, int]) -> None:
+    def check_resolution(self, res: tuple[int, int], features: bool = False) -> None:
+        """Refuse a size the model cannot take, naming the nearest ones it can. A backbone export
+        (``features``) of a family whose detection code pads takes any size from ``min_res`` up."""
         h, w = res
         if h <= 0 or w <= 0:
             raise ResolutionError(f"resolution must be positive, got {h}x{w}")
+        if features and self.features_pad and h >= self.min_res and w >= self.min_res:
+            return
         if h < self.min_res or w < self.min_res or h % self.res_multiple or w % self.res_multiple:
+            near = sorted({self.nearest(h, w, up) for up in (False, True)})
             raise ResolutionError(
                 f"{self.name} cannot take {h}x{w}: height and width must be multiples of "
-                f"{self.res_multiple} and at least {self.min_res} (e.g. {self.default_res}, 512, 1024)"
-            )
+                f"{self.res_multiple} and at least {self.min_res}; nearest: "
+                f"{' or '.join(f'{a}x{b}' if a != b else str(a) for a, b in near)}")
+
+    def nearest(self, h: int, w: int, up: bool) -> tuple[int, int]:
+        """The nearest size this model takes, rounding each side down (or up)."""
+        m = self.res_multiple
+        side = lambda v: max(self.min_res, -(-v // m) * m if up else v // m * m)  # noqa: E731
+        return side(h), side(w)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -112,7 +126,8 @@ def get_model_info(name: str) -> ModelInfo:
         raise UnknownModelError(name, list(_REGISTRY)) from None
 
 
-def parse_resolution(res: int | str | tuple[int, int] | None, info: ModelInfo) -> tuple[int, int]:
+def parse_resolution(res: int | str | tuple[int, int] | None, info: ModelInfo,
+                     features: bool = False) -> tuple[int, int]:
     """``1024`` / ``"1024"`` / ``"768x1024"`` (height x width) / ``(h, w)`` → (h, w), checked."""
     if res is None:
         res = info.default_res
@@ -127,7 +142,7 @@ def parse_resolution(res: int | str | tuple[int, int] | None, info: ModelInfo) -
     if isinstance(res, int):
         res = (res, res)
     hw = (int(res[0]), int(res[1]))
-    info.check_resolution(hw)
+    info.check_resolution(hw, features)
     return hw
 
 

@@ -28,10 +28,10 @@ def runner():
 @pytest.fixture
 def cli(runner):
     """Run the CLI in-process: cli("export", "shvit_s1", ...) → Result (exit_code, output)."""
-    from edgevit_export.cli import app
+    from edgevit_export.cli import app, argv
 
     def run(*args):
-        return runner.invoke(app, [str(a) for a in args])
+        return runner.invoke(app, argv([str(a) for a in args]))
 
     return run
 

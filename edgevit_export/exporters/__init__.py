@@ -101,3 +101,9 @@ class Meta:
     passes: list[str]
     num_classes: int
     preprocess: str = ""     # the eval transform an app applies first (Preprocess.describe()), for metadata
+    features: list | None = None   # a backbone export: its outputs (features.Feature), else a classifier
+
+    @property
+    def output_names(self) -> list[str] | None:
+        """The program's output names where they are ours to give (a backbone's ``feat_s<stride>``)."""
+        return [f.name for f in self.features] if self.features else None

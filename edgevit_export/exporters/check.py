@@ -82,6 +82,40 @@ def judge(outputs: list[np.ndarray], references: list[np.ndarray], gate: Gate, r
     return d
 
 
+def judge_outputs(outputs: list[list[np.ndarray]], references: list[list[np.ndarray]], names: list[str],
+                  gate: Gate, reference: str) -> dict:
+    """``judge`` per output (each held to its own scale): one output gives ``judge``'s record; several
+    (a backbone's feature maps) give the worst figures over all, with each output's record under
+    ``outputs``, passing only if every output passes."""
+    per = {n: judge([o[i] for o in outputs], [r[i] for r in references], gate, reference)
+           for i, n in enumerate(names)}
+    if len(per) == 1:
+        return next(iter(per.values()))
+    d = {"max_abs": max(p["max_abs"] for p in per.values()), "max_rel": max(p["max_rel"] for p in per.values()),
+         "cosine": min(p["cosine"] for p in per.values()), "samples": next(iter(per.values()))["samples"],
+         "tolerance": gate.tolerance, "reference": reference,
+         "worst": max(per, key=lambda n: per[n]["max_rel"]),
+         "within_gate": all(p["within_gate"] for p in per.values()), "gated": gate.gated,
+         "passed": all(p["passed"] for p in per.values()),
+         "outputs": {n: {k: p[k] for k in ("max_abs", "max_rel", "cosine", "passed")} for n, p in per.items()}}
+    if gate.min_cosine is not None:
+        d["min_cosine"] = gate.min_cosine
+    if gate.note:
+        d["note"] = gate.note
+    return d
+
+
+def in_order(out: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    """A Runner's outputs as the program's outputs ``names``: by name where the runner uses them,
+    else in the runner's order (an ExecuTorch program keeps no output names)."""
+    if all(n in out for n in names):
+        return [out[n] for n in names]
+    if len(out) < len(names):
+        raise EdgeExportError(f"the artifact has {len(out)} outputs ({', '.join(out)}) but {len(names)} are "
+                              f"expected ({', '.join(names)}); re-export it")
+    return list(out.values())[:len(names)]
+
+
 def seeded_inputs(shape: tuple[int, ...], count: int, raw_scale: float | None, seed: int = 1234) -> list[torch.Tensor]:
     """``count`` seeded inputs: normalised-looking N(0, 1) tensors, or whole-number raw pixels in
     [0, raw_scale] (what a camera buffer holds)."""

@@ -64,7 +64,7 @@ def imagenet_labels() -> list[str]:
 
 
 def validate_options(*, target: str = "iOS16", precision: str = "fp16", labels=None, output=None,
-                     tensor_input: bool = False, logits: bool = False, **_ignored) -> dict:
+                     tensor_input: bool = False, logits: bool = False, features: bool = False, **_ignored) -> dict:
     """Check Core ML flags before any work is done (bad input → EdgeExportError)."""
     if target not in TARGETS:
         raise EdgeExportError(f"unknown --target '{target}'; use one of: {', '.join(TARGETS)}")
@@ -72,9 +72,12 @@ def validate_options(*, target: str = "iOS16", precision: str = "fp16", labels=N
         raise EdgeExportError(f"unknown --precision '{precision}'; use fp16 or fp32")
     if output is not None and Path(output).suffix != ".mlpackage":
         raise EdgeExportError(f"Core ML output path must end in .mlpackage, got '{output}'")
+    if features and labels is not None:
+        raise EdgeExportError("--labels names a classifier's classes; a --features export has no classifier "
+                              "(drop --labels)")
     names = read_labels(labels) if labels is not None else None
     return {"target": target, "precision": precision, "labels": names, "tensor_input": tensor_input,
-            "logits": logits}
+            "logits": logits or features, "features": features}
 
 
 def class_labels(num_classes: int, given: list[str] | None, source: str = "--labels") -> list[str]:
@@ -108,7 +111,7 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
         kwargs["classifier_config"] = ct.ClassifierConfig(names)
         _append_softmax(program)
     else:
-        kwargs["outputs"] = [ct.TensorType(name="logits")]
+        kwargs["outputs"] = [ct.TensorType(name=n) for n in meta.output_names or ["logits"]]
     fp32_ops: dict[int, set[int]] = {}
 
     def fp16_selector(op) -> bool:
@@ -131,7 +134,8 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
     norm = (f"RGB 0–255; mean {tuple(meta.mean)} / std {tuple(meta.std)} applied inside the model"
             if not tensor_input else f"float N×3×{h}×{w}, already normalised with mean {tuple(meta.mean)} "
                                      f"/ std {tuple(meta.std)}")
-    ml.short_description = (f"{meta.model} — {meta.paper}; image classification at {h}×{w}; "
+    task = (f"backbone ({', '.join(meta.output_names)})" if meta.features else "image classification")
+    ml.short_description = (f"{meta.model} — {meta.paper}; {task} at {h}×{w}; "
                             f"exported by edgevit-export {__version__}")
     ml.author = f"edgevit-export {__version__} (model: {meta.paper})"
     ml.license = "See the license of the weights you exported; edgevit-export code: MIT"
@@ -146,7 +150,11 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
     ml.input_description[in_name] = norm
     spec = ml.get_spec()
     out_names = [o.name for o in spec.description.output]
-    if logits:
+    if meta.features:
+        for f in meta.features:
+            ml.output_description[f.name] = (f"feature map, stride {f.stride}: N×{f.channels}×{-(-h // f.stride)}×"
+                                             f"{-(-w // f.stride)} (output of {f.module}{', ' + f.norm if f.norm else ''})")
+    elif logits:
         ml.output_description["logits"] = f"raw logits, {meta.num_classes} classes (apply softmax for probabilities)"
     else:
         ml.output_description[spec.description.predictedFeatureName] = "most likely class"
@@ -197,7 +205,7 @@ def structure(facts: dict, options: dict) -> dict:
     want_in = "multiArrayType" if options["tensor_input"] else "imageType"
     if facts["inputs"][0][1] != want_in:
         problems.append(f"input is {facts['inputs'][0][1]}, expected {want_in}")
-    if facts["classifier"] == options["logits"]:
+    if facts["classifier"] == options["logits"]:   # --features sets logits: tensor outputs, no classifier
         problems.append("classifier output missing" if not options["logits"] else "expected raw logits, got a classifier")
     mixed = ""
     fp16 = options["precision"] == "fp16"
@@ -208,7 +216,8 @@ def structure(facts: dict, options: dict) -> dict:
             "fp32_ops": facts["fp32_ops"] if fp16 else None, "inputs": facts["inputs"], "outputs": facts["outputs"],
             "summary": "; ".join(problems) if problems else
             f"{sum(facts['ops'].values())} ops, max rank {facts['max_rank']}, all shapes static, "
-            f"input {facts['inputs'][0][1]}, {'classifier' if facts['classifier'] else 'logits'} output" + mixed}
+            f"input {facts['inputs'][0][1]}, " + ("classifier output" if facts["classifier"] else
+            f"{len(facts['outputs'])} feature outputs" if options.get("features") else "logits output") + mixed}
 
 
 RANDOM_WEIGHTS_FP16 = ("not gated: random weights — how far fp16 rounding moves a randomly initialised network "

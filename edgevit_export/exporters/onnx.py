@@ -42,7 +42,7 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
     with contextlib.redirect_stdout(io.StringIO()):
         onnx_program = torch.onnx.export(
             program, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], optimize=True, verbose=False)
+            output_names=(meta and meta.output_names) or [OUTPUT_NAME], optimize=True, verbose=False)
     model = onnx_program.model_proto
     simplified = False
     note = ""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import json
 import logging
 import operator
 import warnings
@@ -181,6 +182,10 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
         raise EdgeExportError(f"ExecuTorch could not lower this program to XNNPACK: {first_line(e)[:300]}") from None
     Path(path).write_bytes(et.buffer)
     facts = describe(path)
+    names = meta and meta.output_names
+    if names:   # a .pte keeps no output names: the manifest's io gives them (the runner reads them there)
+        for d, n in zip(facts["io_spec"]["outputs"], names):
+            d["name"] = n
     return {"delegate": "xnnpack", "delegation": report, "ops": facts["ops"], "io": facts["io_spec"],
             "bytes": Path(path).stat().st_size}
 
@@ -281,8 +286,8 @@ class PteRunner:
         meta = self.method.metadata
         self.inputs = [_info(meta.input_tensor_meta(i), INPUT_NAME if i == 0 else f"input_{i}")
                        for i in range(meta.num_inputs())]
-        self.outputs = [_info(meta.output_tensor_meta(i), OUTPUT_NAME if i == 0 else f"output_{i}")
-                        for i in range(meta.num_outputs())]
+        names = _manifest_output_names(self.path, meta.num_outputs())
+        self.outputs = [_info(meta.output_tensor_meta(i), names[i]) for i in range(meta.num_outputs())]
         self.classifier = False
         self.labels = None
         self.runtime = f"ExecuTorch {_version()} (XNNPACK delegate + portable kernels), {threads} threads"
@@ -305,6 +310,18 @@ class PteRunner:
         """The bare call a latency measurement times: the method on ``inputs``, converted once."""
         feeds = [torch.from_numpy(np.ascontiguousarray(inputs[d["name"]], dtype=np.float32)) for d in self.inputs]
         return lambda: self.method.execute(feeds)
+
+
+def _manifest_output_names(path: Path, count: int) -> list[str]:
+    """Output names from the manifest beside the ``.pte`` (its ``io``), which the program itself does
+    not keep; ``logits``, ``output_1``, … without one."""
+    default = [OUTPUT_NAME if i == 0 else f"output_{i}" for i in range(count)]
+    try:
+        outs = json.loads(path.with_name(f"{path.stem}.pte.json").read_text())["io"]["outputs"]
+        names = [str(o["name"]) for o in outs]
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+    return names if len(names) == count else default
 
 
 def _info(t, name: str) -> dict:

@@ -104,34 +104,37 @@ def validate_options(*, output=None, layout: str = "nchw", **_ignored) -> dict:
 # --- conversion -----------------------------------------------------------------------------------
 
 class _Signature(torch.nn.Module):
-    """The program under the names an app's signature runner sees: ``images`` in, ``logits`` out."""
+    """The program under the names an app's signature runner sees: ``images`` in, ``logits`` (or a
+    backbone's ``feat_s<stride>`` maps) out."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, output_names: list[str] | None = None):
         super().__init__()
         self.module = module
+        self.output_names = output_names
 
     def forward(self, images):
         out = self.module(images)
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        return {OUTPUT_NAME if i == 0 else f"output_{i}": o for i, o in enumerate(outs)}
+        names = self.output_names or [OUTPUT_NAME if i == 0 else f"output_{i}" for i in range(len(outs))]
+        return dict(zip(names, outs))
 
 
 def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: Path, options: dict,
             meta=None) -> dict:
     """Convert ``program`` with litert-torch and write the ``.tflite`` to ``path``; returns facts
     for the manifest."""
-    return convert_module(program.module(), example, path, options)
+    return convert_module(program.module(), example, path, options, output_names=meta and meta.output_names)
 
 
 def convert_module(module: torch.nn.Module, example: torch.Tensor, path: Path, options: dict,
-                   quant_config=None) -> dict:
+                   quant_config=None, output_names: list[str] | None = None) -> dict:
     """Convert a graph module (a program's, or a PT2E-converted int8 one with its ``quant_config``)."""
     litert_torch = _converter()
     x = example
     if options.get("layout") == "nhwc":
         module = litert_torch.to_channel_last_io(module, args=[0])
         x = example.permute(0, 2, 3, 1).contiguous()
-    wrapped = _Signature(module)
+    wrapped = _Signature(module, output_names)
     wrapped.training = False   # not .eval(): an exported program's module refuses train()/eval(); it is in eval already
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_native():
@@ -208,11 +211,12 @@ def _io(it) -> tuple[list[dict], list[dict]]:
     is an NHWC one (``--layout nhwc``)."""
     sig = it.get_signature_list().get("serving_default", {})
     ins, outs = it.get_input_details(), it.get_output_details()
+    by_index = {int(i): n for n, i in it._get_full_signature_list().get("serving_default", {}).get("outputs", {}).items()}
     shape = ins[0]["shape"]
     layout = "nhwc" if len(shape) == 4 and shape[-1] == 3 and shape[1] != 3 else "nchw"
     in_specs = [dict(_spec(d, n, layout), index=int(d["index"]))
                 for d, n in zip(ins, _ordered(ins, sig.get("inputs") or [INPUT_NAME]))]
-    out_specs = [dict(_spec(d, n), index=int(d["index"]))
+    out_specs = [dict(_spec(d, by_index.get(int(d["index"]), n)), index=int(d["index"]))
                  for d, n in zip(outs, _ordered(outs, sig.get("outputs") or [OUTPUT_NAME]))]
     return in_specs, out_specs
 

@@ -17,6 +17,13 @@ The model contract. Every registered model, whatever its family, is an ``nn.Modu
   order (``measure.stage_shapes`` hooks them; ``model.get_submodule(name)``). Their outputs are
   maps, or tokens (N, h·w, C) where the family's stage works on tokens (LITv2, EfficientFormer's
   last stage).
+- ``feature_info``: the backbone's pyramid, a list of :class:`edgevit_export.features.Feature`
+  (stride, channels, the module of ours it comes from, any norm added to it), shallow to deep —
+  the maps the family's detection/segmentation heads take (the official dense-prediction code, or
+  timm's ``feature_info`` where there is none), named ``feat_s<stride>``.
+- ``forward_intermediates(x, indices)``: image → the maps at those positions of ``feature_info``,
+  each (N, C, ⌈H/stride⌉, ⌈W/stride⌉), computing no further than the deepest one asked for
+  (``export --features`` captures it through ``features.Backbone``).
 - optionally ``prepare_for_export()``: an in-place rewrite into the inference form that keeps the
   outputs (FastViT's structural reparameterisation); ``api.prepare_model`` calls it if present.
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..features import Feature
 from ..registry import register_model
 
 # Per-variant configuration (official builders edgevit_xxs / edgevit_xs / edgevit_s).
@@ -237,6 +238,9 @@ class EdgeViT(nn.Module):
         self.head = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
         # Per-stage feature maps: the output of each stage's last LGL block.
         self.stage_names = [f"blocks{i + 1}.{depth[i] - 1}" for i in range(4)]
+        # No official dense-prediction code exists; the stage outputs (strides 4–32), without the
+        # classifier's final BatchNorm, as third-party detection wrappers take them.
+        self.feature_info = [Feature(4 * 2 ** i, embed_dim[i], self.stage_names[i]) for i in range(4)]
         self.apply(self._init_weights)
 
     @staticmethod
@@ -258,6 +262,17 @@ class EdgeViT(nn.Module):
             for blk in blocks:
                 x = blk(x)
         return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices) -> list[torch.Tensor]:
+        """Image → the stage outputs at ``indices`` of ``feature_info`` (strides 4, 8, 16, 32)."""
+        x, outs = self.pos_drop(x), []
+        for i in range(max(indices) + 1):
+            x = getattr(self, f"patch_embed{i + 1}")(x)
+            for blk in getattr(self, f"blocks{i + 1}"):
+                x = blk(x)
+            if i in indices:
+                outs.append(x)
+        return outs
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Map → logits: global average pool, Linear."""

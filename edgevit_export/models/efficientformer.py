@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..features import Feature, stage_outputs, tokens_to_map
 from ..registry import register_model
 
 PAPER_V1 = "EfficientFormer (Li et al., NeurIPS 2022)"
@@ -342,6 +343,19 @@ class EfficientFormer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.stage_names = [f"stages.{i}" for i in range(len(depths))]
+        # timm's feature_info / features_only: the four stage outputs (strides 4–32), without the
+        # classifier's final LayerNorm; stage 4's tokens go back to their map.
+        self.feature_info = [Feature(4 * 2 ** i, d, f"stages.{i}") for i, d in enumerate(embed_dims)]
+
+    def forward_intermediates(self, x, indices):
+        """Image → the stage outputs at ``indices`` of ``feature_info`` (strides 4, 8, 16, 32)."""
+        x, outs = self.stem(x), []
+        for i, stage in enumerate(self.stages[:max(indices) + 1]):
+            hw = (_half(x.shape[2]), _half(x.shape[3])) if i else (x.shape[2], x.shape[3])
+            x = stage(x)
+            if i in indices:
+                outs.append(tokens_to_map(x, hw) if x.dim() == 3 else x)
+        return outs
 
     def forward_features(self, x):
         """Image → the stage-4 map after the final LayerNorm, (B, C, H/32, W/32). Stage 4 ends in
@@ -564,6 +578,12 @@ class EfficientFormerV2(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.stage_names = [f"stages.{i}" for i in range(len(depths))]
+        # timm's feature_info and the official detection backbone (no norms): the four stage outputs.
+        self.feature_info = [Feature(4 * 2 ** i, d, f"stages.{i}") for i, d in enumerate(embed_dims)]
+
+    def forward_intermediates(self, x, indices):
+        """Image → the stage outputs at ``indices`` of ``feature_info`` (strides 4, 8, 16, 32)."""
+        return stage_outputs(self.stages, self.stem(x), indices)
 
     def forward_features(self, x):
         """Image → the stage-4 map after the final BatchNorm, (B, C, H/32, W/32)."""

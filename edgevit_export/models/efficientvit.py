@@ -59,6 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..features import Feature, stage_outputs as _stage_outputs
 from ..registry import register_model
 
 # Per variant (timm / paper Table 1): stage widths, depths, heads, q dw-conv kernel per head.
@@ -332,10 +333,16 @@ class EfficientVitMsra(nn.Module):
         self.num_features = embed_dim[-1]
         self.head = NormLinear(self.num_features, num_classes, drop_rate) if num_classes > 0 else nn.Identity()
         self.stage_names = [f"stages.{i}" for i in range(len(embed_dim))]
+        # timm's feature_info and the official downstream backbone: the three stage outputs, no norm.
+        self.feature_info = [Feature(16 * 2 ** i, d, f"stages.{i}") for i, d in enumerate(embed_dim)]
 
     def forward_features(self, x):
         """Image → the stage-3 map, (B, C, H/64, W/64)."""
         return self.stages(self.patch_embed(x))
+
+    def forward_intermediates(self, x, indices):
+        """Image → the stage outputs at ``indices`` of ``feature_info`` (strides 16, 32, 64)."""
+        return _stage_outputs(self.stages, self.patch_embed(x), indices)
 
     def forward_head(self, x):
         """Map → logits: global average pool, BatchNorm1d → Linear."""

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..features import Feature, stage_outputs as _stage_outputs
 from ..registry import register_model
 
 PAPER = "FastViT (Vasu et al., ICCV 2023)"
@@ -421,10 +422,16 @@ class FastViT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.stage_names = [f"stages.{i}" for i in range(len(layers))]
+        # timm's feature_info: the four stage outputs (strides 4–32); final_conv belongs to the head.
+        self.feature_info = [Feature(4 * 2 ** i, d, f"stages.{i}") for i, d in enumerate(embed_dims)]
 
     def forward_features(self, x):
         """Image → the map of the final 3×3 conv (SE, 2× the stage-4 width), (B, C, H/32, W/32)."""
         return self.final_conv(self.stages(self.stem(x)))
+
+    def forward_intermediates(self, x, indices):
+        """Image → the stage outputs at ``indices`` of ``feature_info`` (strides 4, 8, 16, 32)."""
+        return _stage_outputs(self.stages, self.stem(x), indices)
 
     def forward_head(self, x):
         """Map → logits: global average pool, Linear."""

@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ResolutionError
+from ..features import Feature, tokens_to_map
 from ..registry import register_model
 
 # Per variant (official configs/litv2-{small,medium,base}.yaml). Shared: patch 4, mlp ratio 4,
@@ -298,6 +299,12 @@ class LITv2(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         # Per-stage feature maps (token layout B, N, C): the last block of each stage, before DTM.
         self.stage_names = [f"layers.{i}.blocks.{depths[i] - 1}" for i in range(n)]
+        # The official detection backbone (ziplab/LITv2 detection/mmdet backbones/litv2.py): each stage
+        # before its DTM; strides 8–32 through a LayerNorm it adds (norm1..3: fresh, γ=1 β=0, with
+        # ImageNet weights — a per-token standardisation), stride 4 as it is; not the classifier's norm.
+        self.feature_info = [Feature(4 * 2 ** i, embed_dim * 2 ** i, self.stage_names[i],
+                                     "LayerNorm (fresh, as the detection backbone adds)" if i else "")
+                             for i in range(n)]
         self.apply(self._init_weights)
 
     @staticmethod
@@ -320,6 +327,23 @@ class LITv2(nn.Module):
             x, hw = layer(x, hw)
         x = self.norm(x)  # final LayerNorm, per token
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])  # tokens → (B, C, H/32, W/32)
+
+    def forward_intermediates(self, x, indices):
+        """Image → the maps at ``indices`` of ``feature_info`` (strides 4, 8, 16, 32), as the official
+        detection backbone outputs them."""
+        h, w = x.shape[2], x.shape[3]
+        if h % 32 or w % 32:
+            raise ResolutionError(f"LITv2 needs height and width that are multiples of 32, got {h}x{w}")
+        x, hw = self.patch_embed(x)
+        outs = []
+        for i, layer in enumerate(self.layers[:max(indices) + 1]):
+            for blk in layer.blocks:
+                x = blk(x, hw)
+            if i in indices:
+                outs.append(tokens_to_map(F.layer_norm(x, x.shape[-1:]) if i else x, hw))
+            if layer.downsample is not None:
+                x, hw = layer.downsample(x, hw)
+        return outs
 
     def forward_head(self, x):
         """Map → logits: mean over the tokens, Linear."""

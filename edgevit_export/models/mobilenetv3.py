@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..features import Feature
 from ..registry import register_model
 
 RE, HS = "relu", "hardswish"
@@ -181,6 +182,17 @@ class MobileNetV3(nn.Module):
         self.flatten = nn.Flatten(1)
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.stage_names = [f"blocks.{i}" for i in range(len(stages))]
+        # timm's feature_info (features_only's default, all five): where the resolution is about to
+        # halve — the stem if the first block has stride 2, and the last block of every stack
+        # followed by a stride-2 one — and the last stack (the 1×1 conv stage). Strides 2 to 32.
+        firsts = [st[0][-1] for st in cfg["stages"]] + [1]
+        taps = [("bn1", STEM)] if firsts[0] == 2 else []
+        for i, st in enumerate(cfg["stages"]):
+            if firsts[i + 1] > 1:
+                taps.append((f"blocks.{i}", st[-1][2]))
+        taps.append((f"blocks.{len(stages) - 1}", cfg["last_conv"]))
+        strides = [2 * 2 ** k for k in range(len(taps))]
+        self.feature_info = [Feature(s, c, m) for s, (m, c) in zip(strides, taps)]
         self._init_weights()
 
     def _init_weights(self):
@@ -198,6 +210,21 @@ class MobileNetV3(nn.Module):
     def forward_features(self, x):
         """Image → the last stage's map (1×1 conv + BN + hard-swish), (B, C, H/32, W/32)."""
         return self.blocks(self.bn1(self.conv_stem(x)))
+
+    def forward_intermediates(self, x, indices):
+        """Image → the maps at ``indices`` of ``feature_info`` (strides 2, 4, 8, 16, 32)."""
+        x, outs = self.bn1(self.conv_stem(x)), []
+        want = {self.feature_info[i].module for i in indices}
+        if "bn1" in want:
+            outs.append(x)
+        last = self.feature_info[max(indices)].module
+        for i, stage in enumerate(self.blocks):
+            x = stage(x)
+            if f"blocks.{i}" in want:
+                outs.append(x)
+            if f"blocks.{i}" == last:
+                break
+        return outs
 
     def forward_head(self, x):
         """Map → logits: the "efficient last stage": global average pool, 1×1 conv, hard-swish, Linear."""

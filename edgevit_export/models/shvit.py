@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..features import Feature
 from ..registry import register_model
 
 # Per variant: stage widths, depths, attention channel slice (partial_dim), block types.
@@ -181,10 +182,22 @@ class SHViT(nn.Module):
             self.head_dist = BN_Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.num_classes = num_classes
         self.stage_names = ["patch_embed", "blocks1", "blocks2", "blocks3"]
+        # The detection backbone (official downstream/mmdet, and timm's feature_info): the three stage
+        # outputs, no extra norm.
+        self.feature_info = [Feature(16 * 2 ** i, dim, f"blocks{i + 1}") for i, dim in enumerate(embed_dim)]
 
     def forward_features(self, x):
         """Image → the stage-3 map (B, C, H/64, W/64)."""
         return self.blocks3(self.blocks2(self.blocks1(self.patch_embed(x))))
+
+    def forward_intermediates(self, x, indices):
+        """Image → the stage outputs at ``indices`` of ``feature_info`` (strides 16, 32, 64)."""
+        x, outs = self.patch_embed(x), []
+        for i, stage in enumerate((self.blocks1, self.blocks2, self.blocks3)[:max(indices) + 1]):
+            x = stage(x)
+            if i in indices:
+                outs.append(x)
+        return outs
 
     def forward_head(self, x):
         """Map → logits: global average pool, BN → Linear (the distilled head averaged in)."""
