@@ -4,12 +4,18 @@
     python benchmarks/parity_sweep.py litv2_s:1024:coreml edgevit_s:512:onnx shvit_s1:224:coreml:fp32
     python benchmarks/parity_sweep.py --zoo 224,512,1024 [--skip-passed] [--family SHViT]
     python benchmarks/parity_sweep.py --report      # one row per model from parity.json
+    python benchmarks/parity_sweep.py --features 1024,768x1344   # every model's backbone, ONNX + Core ML fp32
+    python benchmarks/parity_sweep.py --features-report          # one row per model from features.json
 
 Every parity figure is the saved artifact run by its format's runner (onnxruntime; the Core ML
 reference runner for .mlpackage, fp16 programs in fp16) against PyTorch fp32; ``program`` is the
 rewritten torch program handed to the converter. Writes benchmarks/results/parity.json after every
 export (merged with earlier runs, so an interrupted sweep keeps what it measured) and prints a
 markdown table. An export that raises is recorded with its error and the sweep goes on.
+
+``--features``: the backbone exports (``export --features``, every output) of every model at the
+given sizes, to ONNX and to Core ML fp32 (in the reference runner), each output held to 1e-4 of its
+own scale; written to benchmarks/results/features.json (spec ``model:res:format:precision:features``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,37 @@ from edgevit_export.registry import list_models
 
 DEFAULT = [f"shvit_s{i}:{r}:{f}" for i in (1, 2, 3) for r in (224, 512) for f in ("onnx", "coreml")] + \
           ["shvit_s4:1024:onnx", "shvit_s4:1024:coreml", "shvit_s4:1024:coreml:fp32"]
+
+
+def feature_specs(resolutions: str, family: str | None) -> list[str]:
+    return [f"{n}:{r}:{f}:features" for r in resolutions.split(",") for n in list_models(family)
+            for f in ("onnx", "coreml:fp32")]
+
+
+def features_report(results: dict) -> str:
+    """Markdown, one row per model: its outputs (name, channels) and, per size and artifact, the worst
+    per-output error."""
+    from edgevit_export.features import feature_info
+    from edgevit_export.measure import skeleton
+    from edgevit_export.registry import get_model_info
+
+    sizes = sorted({_split(k)[1] for k in results}, key=lambda r: [int(v) for v in r.split("x")])
+    kinds = ("onnx", "coreml:fp32")
+    head = [f"{r} {'ONNX' if k == 'onnx' else 'Core ML fp32'}" for r in sizes for k in kinds]
+    lines = ["| model | outputs (stride: channels) | " + " | ".join(head) + " |",
+             "|---|---|" + "---:|" * len(head)]
+    for name in list_models():
+        cells = []
+        for r in sizes:
+            for k in kinds:
+                e = results.get(f"{name}:{r}:{k}:features")
+                cells.append("—" if e is None else (f"{e['max_rel']:.1e}" if e.get("passed") else
+                                                   f"FAIL ({e.get('error') or e.get('max_rel')})"))
+        if all(c == "—" for c in cells):
+            continue
+        outs = ", ".join(f"s{f.stride}: {f.channels}" for f in feature_info(skeleton(get_model_info(name).builder)))
+        lines.append(f"| {name} | {outs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def zoo_specs(resolutions: str, family: str | None) -> list[str]:
@@ -62,21 +99,28 @@ def report(results: dict) -> str:
 
 
 def _split(spec: str) -> tuple[str, str, str]:
-    """model:res:format[:precision] → (model, res, kind) with kind onnx | coreml:fp16 | coreml:fp32."""
-    name, res, fmt, *prec = spec.split(":")
-    return name, res, fmt if fmt == "onnx" else f"{fmt}:{prec[0] if prec else 'fp16'}"
+    """model:res:format[:precision][:features] → (model, res, kind) with kind onnx | coreml:fp16 |
+    coreml:fp32 (a trailing ``:features`` is the backbone export)."""
+    name, res, fmt, *rest = [p for p in spec.split(":") if p != "features"]
+    return name, res, fmt if fmt == "onnx" else f"{fmt}:{rest[0] if rest else 'fp16'}"
 
 
 def main(argv: list[str]) -> int:
-    dest = Path(__file__).parent / "results" / "parity.json"
+    features = "--features" in argv or "--features-report" in argv
+    dest = Path(__file__).parent / "results" / ("features.json" if features else "parity.json")
     results = json.loads(dest.read_text()) if dest.exists() else {}
     if "--report" in argv:
         print(report(results))
         return 0
+    if "--features-report" in argv:
+        print(features_report(results))
+        return 0
     skip_passed = "--skip-passed" in argv
     argv = [a for a in argv if a != "--skip-passed"]
     family = argv[argv.index("--family") + 1] if "--family" in argv else None
-    if "--zoo" in argv:
+    if "--features" in argv:
+        specs = feature_specs(argv[argv.index("--features") + 1], family)
+    elif "--zoo" in argv:
         specs = zoo_specs(argv[argv.index("--zoo") + 1], family)
     else:
         specs = [a for a in argv if ":" in a] or DEFAULT
@@ -91,7 +135,8 @@ def main(argv: list[str]) -> int:
         t = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory() as d:
-                r = api.export(name, format=fmt, res=int(res), out=d, precision=precision or "fp16")
+                r = api.export(name, format=fmt, res=res, out=d, precision=precision or "fp16",
+                               features="all" if spec.endswith(":features") else None)
         except (EdgeExportError, CheckFailed, RuntimeError, ValueError, MemoryError) as e:
             failed += 1
             results[spec] = {"passed": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
@@ -106,6 +151,8 @@ def main(argv: list[str]) -> int:
                          "reference": p["reference"], "convert_s": round(r.seconds["convert"], 1),
                          "check_s": round(r.seconds["check"], 1), "total_s": round(total, 1),
                          "max_rank": r.checks.get("structure", {}).get("max_rank")}
+        if "outputs" in p:   # a backbone: each output's error on its own scale
+            results[spec]["outputs"] = {k: v["max_rel"] for k, v in p["outputs"].items()}
         print(f"| {name} | {res} | {kind} | {p['max_rel']:.1e} | {p['cosine']:.6f} | {p['gated']} | "
               f"{prog['max_rel']:.1e} | {r.seconds['convert']:.1f} | {r.seconds['check']:.1f} |", flush=True)
         _save(dest, results)
@@ -121,7 +168,7 @@ def _save(dest: Path, results: dict) -> None:
 
 def _order(item):
     name, res, kind = _split(item[0])
-    return name, int(res), kind
+    return name, [int(v) for v in res.split("x")], kind
 
 
 if __name__ == "__main__":

@@ -59,12 +59,12 @@ def _tool_versions() -> dict:
 
 
 def prepare_model(name: str, res, weights: str | None, distilled: bool | None, seed: int = 0,
-                  mean=None, std=None):
+                  mean=None, std=None, features: bool = False):
     """Resolve a name, resolution and weights into (info, (h, w), eval model, random_init).
     ``mean``/``std``: the normalisation the inputs will have (default: the model's), for the
     BatchNorm statistics of a randomly initialised model."""
     info = get_model_info(name)
-    hw = parse_resolution(res, info)
+    hw = parse_resolution(res, info, features)   # a backbone (features) may take sizes its family pads
     model = create_model(name, weights=weights, distilled=distilled, seed=seed)
     if weights is None:
         randomize_norm_stats(model, seed)
@@ -158,7 +158,8 @@ def export(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     emit(progress, "build model")
-    info, hw, model, random_init = prepare_model(name, hw, weights, distilled, mean=pre.mean, std=pre.std)
+    info, hw, model, random_init = prepare_model(name, hw, weights, distilled, mean=pre.mean, std=pre.std,
+                                                 features=picked is not None)
     example = torch.randn(batch, 3, *hw, generator=torch.Generator().manual_seed(0))
     classifier = model
     if picked is not None:
@@ -238,6 +239,8 @@ def export(
             "macs": count_macs(model, hw, batch),
             "task": "features" if picked is not None else "classification",
             "features": [f.as_dict() for f in model.features] if picked is not None else None,
+            "padding": info.features_pad if picked is not None and (hw[0] % info.res_multiple or
+                                                                   hw[1] % info.res_multiple) else None,
             "normalization": normalization,
             "preprocess": pre.as_dict(),
             "io": facts.pop("io"),
@@ -370,7 +373,8 @@ def check(artifact: str | Path, *, weights: str | None = None, progress: Callbac
     gate = Gate(g.get("tolerance", PROGRAM_TOLERANCE), g.get("min_cosine"), g.get("gated", True), g.get("note", ""))
     if weights is not None:
         emit(progress, "rebuild the PyTorch model")
-        _, _, model, _ = prepare_model(manifest["model"], tuple(manifest["resolution"]), weights, None)
+        _, _, model, _ = prepare_model(manifest["model"], tuple(manifest["resolution"]), weights, None,
+                                       features=bool(manifest.get("features")))
         if manifest.get("features"):   # a backbone export: the same outputs of the same model
             model = _features.Backbone(model, _features.select(model, ",".join(f["name"] for f in manifest["features"])))
             names = names or model.output_names

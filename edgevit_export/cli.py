@@ -192,6 +192,9 @@ def export(
                        layout=layout, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
                        features=features, progress=progress)
     render_passes(r.pipeline)
+    if r.manifest.get("padding"):
+        console.print(f"[yellow]{r.res[0]}x{r.res[1]} is not a multiple of what {model} takes: {r.manifest['padding']}[/]",
+                      highlight=False)
     render_checks(r.checks)
     golden = (f"\n[bold green]wrote[/] {r.manifest_path.with_name(r.manifest['golden']['file'])}  "
               f"(seeded inputs ×{r.manifest['golden']['samples']} and PyTorch's outputs, for 'edgevit-export check')"

@@ -153,7 +153,8 @@ def test_export_features_other_formats(cli, tmp_path, fmt):
 @pytest.mark.parametrize("args, message", [
     (["shvit_s1", "--features", "s8"], "no 's8' output; it has s16, s32, s64"),
     (["shvit_s1", "--features", "--format", "coreml", "--labels", "LABELS"], "a --features export has no classifier"),
-    (["litv2_s", "--features", "--res", "1000x1333"], "nearest: 992x1312 or 1024x1344"),
+    (["shvit_s4", "--features", "--res", "1000x1333"], "nearest: 992x1328 or 1008x1344"),
+    (["litv2_s", "--res", "1000x1333"], "nearest: 992x1312 or 1024x1344"),   # the classifier does not pad
 ])
 def test_features_bad_input(cli, tmp_path, args, message):
     labels = tmp_path / "labels.txt"
@@ -167,3 +168,15 @@ def test_info_lists_the_backbone_outputs(cli):
     r = cli("info", "litv2_s", "--res", "768x1344")
     assert r.exit_code == 0, r.output
     assert "feat_s4" in r.output and "96×192×336" in r.output and "24×42" in r.output
+
+
+def test_litv2_backbone_pads_as_its_detection_code(cli, tmp_path):
+    """LITv2's detection backbone takes any size: the image padded to a multiple of 4, each HiLo map to
+    whole windows (cropped back), odd maps floored by DTM; the export says so and matches PyTorch."""
+    r = cli("export", "litv2_s", "--features", "--res", "88x120", "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "not a multiple of what litv2_s takes: padded as LITv2's detection backbone pads" in r.output
+    m = json.loads((tmp_path / "litv2_s-88x120.json").read_text())
+    assert [o["shape"][2:] for o in m["io"]["outputs"]] == [[22, 30], [11, 15], [5, 7], [2, 3]]
+    assert m["padding"] and m["checks"]["parity"]["passed"]
+    assert m["checks"]["parity"]["max_rel"] <= 1e-4

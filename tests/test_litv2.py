@@ -258,8 +258,12 @@ def test_resolution_rules(litv2_s):
     for bad in ("224x200", 32, "48", (64, 80), "1000"):
         with pytest.raises(ResolutionError):
             parse_resolution(bad, info)
+    # the backbone (export --features) takes any size from 64 up, padded as the detection code pads
+    assert parse_resolution("224x200", info, features=True) == (224, 200)
     with pytest.raises(ResolutionError):
-        litv2_s(torch.randn(1, 3, 224, 208))
+        parse_resolution(32, info, features=True)
+    with torch.no_grad():   # the module pads rather than refuses: stride-4 map ceil, DTM floors
+        assert litv2_s.forward_intermediates(torch.randn(1, 3, 224, 210), [0, 3])[1].shape[2:] == (7, 6)
 
 
 # --- export ---------------------------------------------------------------------------------

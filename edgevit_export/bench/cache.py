@@ -29,26 +29,29 @@ def _passes_tag(passes: str) -> str:
 
 
 def cache_path(cache_dir: Path, name: str, hw: tuple[int, int], batch: int, passes: str,
-               format: str = "onnx") -> Path:
+               format: str = "onnx", features: str | None = None) -> Path:
     from .. import __version__
     from ..exporters import get
     from ..exporters.artifacts import res_tag
 
-    return cache_dir / name / f"{name}-{res_tag(hw)}-b{batch}-{_passes_tag(passes)}-v{__version__}{get(format).suffix}"
+    feat = "" if features is None else "-feat" + _passes_tag(features.replace("feat_", "") or "all")
+    return (cache_dir / name /
+            f"{name}-{res_tag(hw)}{feat}-b{batch}-{_passes_tag(passes)}-v{__version__}{get(format).suffix}")
 
 
 def cached_export(name: str, hw: tuple[int, int], *, batch: int, passes: str, cache_dir: Path,
-                  progress: Callback | None = None, format: str = "onnx") -> tuple[Path, dict, bool]:
+                  progress: Callback | None = None, format: str = "onnx",
+                  features: str | None = None) -> tuple[Path, dict, bool]:
     """The exported file for (model, res, batch, passes, version): re-used when its manifest's
     sha256 matches, otherwise exported through ``api.export``. Returns (path, manifest, reused)."""
     from .. import api
 
     from ..exporters import get
 
-    path = cache_path(cache_dir, name, hw, batch, passes, format)
+    path = cache_path(cache_dir, name, hw, batch, passes, format, features)
     manifest = sibling_manifest(path, get(format).manifest_path(path)) if path.is_file() else None
     if manifest is not None:
         return path, manifest, True
     r = api.export(name, format=format, res=hw, output=path, check=False, force=True, batch=batch,
-                   passes=passes, progress=progress)
+                   passes=passes, features=features, progress=progress)
     return r.artifact, r.manifest, False

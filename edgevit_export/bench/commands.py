@@ -182,6 +182,8 @@ def register(app, console, handle_errors) -> None:
         plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot of latency vs resolution."),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where exports are cached (default: "
                                                  "$EDGEVIT_EXPORT_CACHE/bench or ~/.cache/edgevit-export/bench)."),
+        features: Optional[str] = typer.Option(None, "--features", help="Time the backbones (export --features): "
+                                               "bare for all outputs, or e.g. s16,s32."),
     ):
         """Latency under a phone-like protocol (default iphone12): median ms, spread, MACs, GFLOP/s."""
         from .report import check_output, write_csv, write_json, write_plot
@@ -192,7 +194,8 @@ def register(app, console, handle_errors) -> None:
         plot_p = check_output(plot, ".png", "--plot")
         with Bars(console, transient=True, eta=True) as bars:
             result = run_bench(models, res, protocol=protocol, runtime=runtime, threads=threads, runs=runs,
-                               passes=passes, cache_dir=cache_dir, max_seconds=max_seconds, progress=bars)
+                               passes=passes, cache_dir=cache_dir, max_seconds=max_seconds, features=features,
+                               progress=bars)
         render_bench(console, result)
         for p, write in ((json_p, write_json), (csv_p, write_csv), (plot_p, write_plot)):
             if p is not None:

@@ -74,7 +74,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan(models: list[ModelSpec], res: list[str | None], batch: int, runtime: str) -> list[Plan]:
+def plan(models: list[ModelSpec], res: list[str | None], batch: int, runtime: str,
+         features: bool = False) -> list[Plan]:
     """Every (model, resolution) to time, checked before anything is exported or timed."""
     from ..exporters.artifacts import res_tag
     from ..registry import get_model_info, parse_resolution
@@ -108,7 +109,7 @@ def plan(models: list[ModelSpec], res: list[str | None], batch: int, runtime: st
         else:
             info = get_model_info(m.name)
             for r in res:
-                hw = parse_resolution(r, info)
+                hw = parse_resolution(r, info, features)
                 out.append(Plan(m, hw, f"{m.name}@{res_tag(hw)}"))
     seen, unique = set(), []
     for p in out:

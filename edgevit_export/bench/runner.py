@@ -31,9 +31,12 @@ RUNTIME_FORMAT = {"ort": "onnx", "executorch": "pte", "litert": "tflite"}
 
 def run_bench(models: str | list[str], res: str | int | list | None = None, *, protocol: str = "iphone12",
               runtime: str = "ort", threads: int | None = None, runs: int | None = None, passes: str = "default",
-              cache_dir: str | Path | None = None, max_seconds: float | None = None,
+              cache_dir: str | Path | None = None, max_seconds: float | None = None, features: str | None = None,
               progress: Callback | None = None) -> BenchResult:
     """Time every model × resolution under ``protocol``; returns a :class:`BenchResult`.
+
+    ``features``: time each model's backbone (``export --features``: ``"all"`` or names such as
+    ``"s16,s32"``) instead of the classifier.
 
     Everything the user typed is checked first (protocol, runtime, counts, names, files,
     resolutions, passes); a mistake raises ``EdgeExportError`` before any export or timing.
@@ -72,7 +75,18 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
         suffix = get_format(RUNTIME_FORMAT[by_name[0]]).suffix
         raise EdgeExportError(f"--runtime {by_name[0]} times models by name (exported to {suffix} through the cache); "
                               "pass model names, or time .onnx files with --runtime ort")
-    todo = plan(specs, parse_res_list(res), proto.batch, "torch" if "torch" in runtimes else runtimes[0])
+    if features is not None:
+        if any(s.is_file for s in specs):
+            raise EdgeExportError("--features times model names' backbones; an .onnx file is timed as it was "
+                                  "exported (export it with --features, then pass the file without --features)")
+        from ..features import select
+        from ..measure import skeleton
+        from ..registry import get_model_info
+
+        for s in specs:   # every name must have the outputs asked for, before anything is timed
+            select(skeleton(get_model_info(s.name).builder), features)
+    todo = plan(specs, parse_res_list(res), proto.batch, "torch" if "torch" in runtimes else runtimes[0],
+                features=features is not None)
     cdir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     exported = [r for r in runtimes if r != "torch"]
     if exported and any(not p.spec.is_file for p in todo):
@@ -96,13 +110,15 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
             common = dict(model=p.spec.name, res=p.hw, batch=proto.batch, runtime=rt, threads=n_threads)
             step = prefixed(progress, f"{p.item}{f' {rt}' if len(runtimes) > 1 else ''}: ")
             if rt == "torch":
-                timings.append(_bench_torch(p, proto, common, runs, max_seconds, step))
+                timings.append(_bench_torch(p, proto, common, runs, max_seconds, step, features))
             elif rt in ("executorch", "litert"):
                 timings.append(_bench_runner(p, RUNTIME_FORMAT[rt], proto, common, runs, max_seconds, step, passes,
-                                             cdir))
+                                             cdir, features))
             else:
-                timings.append(_bench_ort(p, proto, common, runs, max_seconds, step, passes, cdir))
+                timings.append(_bench_ort(p, proto, common, runs, max_seconds, step, passes, cdir, features))
     result_notes = [f"spread is {SPREAD} of the kept runs"] + [f"differs from the paper: {d}" for d in proto.differs]
+    if features is not None:
+        result_notes.insert(0, f"backbones (--features {features}): no pooling or classifier; MACs are the backbone's")
     return BenchResult(protocol=proto, runtime=",".join(runtimes), threads=n_threads, runs=runs or proto.runs,
                        passes=passes, env=env, timings=timings, cache_dir=str(cdir) if exported else None,
                        seconds=time.perf_counter() - t_start, max_seconds=max_seconds, notes=result_notes)
@@ -113,7 +129,7 @@ def _budget_note(m: Measurement, max_seconds: float | None) -> list[str]:
 
 
 def _bench_ort(p: Plan, proto: Protocol, common: dict, runs, max_seconds, step: Callback | None, passes: str,
-               cache_dir: Path) -> Timing:
+               cache_dir: Path, features: str | None = None) -> Timing:
     """The file, or the model's cached export, in onnxruntime."""
     cached = False
     if p.spec.is_file:
@@ -122,7 +138,8 @@ def _bench_ort(p: Plan, proto: Protocol, common: dict, runs, max_seconds, step: 
     else:
         emit(step, "checking the export cache")
         path, manifest, cached = cached_export(p.spec.name, p.hw, batch=proto.batch, passes=passes,
-                                               cache_dir=cache_dir, progress=prefixed(step, "export: "))
+                                               cache_dir=cache_dir, progress=prefixed(step, "export: "),
+                                               features=features)
         source = "export"
     if manifest and manifest.get("macs"):
         macs, macs_source = int(manifest["macs"]), "manifest"
@@ -139,7 +156,7 @@ def _bench_ort(p: Plan, proto: Protocol, common: dict, runs, max_seconds, step: 
 
 
 def _bench_runner(p: Plan, fmt: str, proto: Protocol, common: dict, runs, max_seconds, step: Callback | None,
-                  passes: str, cache_dir: Path) -> Timing:
+                  passes: str, cache_dir: Path, features: str | None = None) -> Timing:
     """The model's cached export (``.pte`` or ``.tflite``) in its runtime's own Runner (the
     protocol's threads), timing the call the Runner makes with its inputs already set; a fresh
     load per round where the protocol asks for a fresh session."""
@@ -148,7 +165,7 @@ def _bench_runner(p: Plan, fmt: str, proto: Protocol, common: dict, runs, max_se
     backend = get_format(fmt).backend()
     emit(step, "checking the export cache")
     path, manifest, cached = cached_export(p.spec.name, p.hw, batch=proto.batch, passes=passes, cache_dir=cache_dir,
-                                           progress=prefixed(step, "export: "), format=fmt)
+                                           progress=prefixed(step, "export: "), format=fmt, features=features)
     spec = backend.load(path, common["threads"]).inputs[0]
     feeds = {spec["name"]: np.random.default_rng(0).standard_normal(spec["shape"]).astype(np.float32)}
 
@@ -163,15 +180,19 @@ def _bench_runner(p: Plan, fmt: str, proto: Protocol, common: dict, runs, max_se
                      macs_source="manifest" if manifest.get("macs") else "", cached=cached, notes=notes, **common)
 
 
-def _bench_torch(p: Plan, proto: Protocol, common: dict, runs, max_seconds, step: Callback | None) -> Timing:
-    """The eager PyTorch model, by name (no export, no cache)."""
+def _bench_torch(p: Plan, proto: Protocol, common: dict, runs, max_seconds, step: Callback | None,
+                 features: str | None = None) -> Timing:
+    """The eager PyTorch model (or its backbone), by name (no export, no cache)."""
     import torch
 
     from ..api import prepare_model
+    from ..features import Backbone, select
     from ..measure import count_macs
 
     emit(step, "building the PyTorch model")
-    _info, hw, model, _random = prepare_model(p.spec.name, p.hw, None, None)
+    _info, hw, model, _random = prepare_model(p.spec.name, p.hw, None, None, features=features is not None)
+    if features is not None:
+        model = Backbone(model, select(model, features))
     macs = count_macs(model, hw, proto.batch)
     x = torch.randn(proto.batch, 3, *hw, generator=torch.Generator().manual_seed(0))
     m = time_torch(model, x, proto, threads=common["threads"], runs=runs, max_seconds=max_seconds, progress=step)

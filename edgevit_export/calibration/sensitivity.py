@@ -154,9 +154,7 @@ def _ranked(acc: dict[str, _Acc], fmodel, qmodel, producer: dict, consumers: dic
         if not group:
             continue
         here = db(a.fsig, a.fnoise) if a.fsig > 0 else None
-        after = [db(acc[o].fsig, acc[o].fnoise) for c in consumers.get(t, []) for o in c.output
-                 if o in acc and acc[o].fsig > 0]
-        jump = (here - min(after)) if here is not None and after and math.isfinite(here) else None
+        jump = max((j for c in consumers.get(t, []) if (j := _jump(c, acc, inits, consumers)) is not None), default=None)
         out.append(Sensitivity("activation", t, p.op_type if p is not None else "input", db(a.sig, a.noise),
                                here, list(dict.fromkeys(group)), jump))
     for w, (fw, dq) in _weight_pairs(fmodel, qmodel).items():
@@ -166,6 +164,25 @@ def _ranked(acc: dict[str, _Acc], fmodel, qmodel, producer: dict, consumers: dic
         out.append(Sensitivity("weight", w, users[0].op_type, sqnr_db(fw, dq), None, [c.name for c in users]))
     out.sort(key=lambda s: (s.sqnr_db, s.tensor))
     return out
+
+
+def _jump(node, acc: dict[str, _Acc], inits: set, consumers: dict) -> float | None:
+    """How much worse the accumulated error is at ``node``'s outputs than at the worst of its
+    activation inputs (dB): an error this node makes, not one its other inputs bring (a gate
+    multiplied into an activation that is already off shows no jump). A Conv's output that a
+    fused Relu/Clip quantizes is read after it."""
+    def acc_db(names):
+        return [db(acc[n].fsig, acc[n].fnoise) for n in names if n in acc and n not in inits and acc[n].fsig > 0]
+
+    outputs = [o for o in node.output]
+    for o in node.output:
+        after = consumers.get(o, [])
+        if o not in acc and len(after) == 1 and after[0].op_type in ("Relu", "Clip"):
+            outputs += list(after[0].output)
+    ins, outs = acc_db(node.input), acc_db(outputs)
+    if not ins or not outs or not all(math.isfinite(v) for v in ins):
+        return None
+    return min(ins) - min(outs)
 
 
 def _weight_pairs(fmodel, qmodel) -> dict[str, tuple[np.ndarray, np.ndarray]]:

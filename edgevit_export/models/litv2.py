@@ -45,7 +45,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ResolutionError
 from ..features import Feature, tokens_to_map
 from ..registry import register_model
 
@@ -71,6 +70,9 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x):
+        p = self.proj.stride[0]
+        if x.shape[2] % p or x.shape[3] % p:   # the detection code: zeros right and bottom up to a multiple
+            x = F.pad(x, (0, -x.shape[3] % p, 0, -x.shape[2] % p))
         x = self.proj(x)
         hw = (x.shape[2], x.shape[3])
         return self.norm(x.flatten(2).transpose(1, 2)), hw
@@ -160,12 +162,20 @@ class HiLo(nn.Module):
 
     def forward(self, x, hw):
         b, n, c = x.shape
-        x = x.reshape(b, hw[0], hw[1], c)
+        h, w = hw
+        x = x.reshape(b, h, w, c)
+        pad_b, pad_r = -h % self.ws, -w % self.ws
+        if pad_b or pad_r:   # the detection code: zeros right and bottom up to whole windows, cropped after
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         if self.h_heads == 0:
-            return self.lofi(x).reshape(b, n, c)
-        if self.l_heads == 0:
-            return self.hifi(x).reshape(b, n, c)
-        return torch.cat((self.hifi(x), self.lofi(x)), dim=-1).reshape(b, n, c)
+            out = self.lofi(x)
+        elif self.l_heads == 0:
+            out = self.hifi(x)
+        else:
+            out = torch.cat((self.hifi(x), self.lofi(x)), dim=-1)
+        if pad_b or pad_r:
+            out = out[:, :h, :w]
+        return out.reshape(b, n, c)
 
 
 class ConvFFNBlock(nn.Module):
@@ -318,10 +328,8 @@ class LITv2(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward_features(self, x):
-        """Image → the stage-4 map after the final LayerNorm, (B, C, H/32, W/32)."""
-        h, w = x.shape[2], x.shape[3]
-        if h % 32 or w % 32:
-            raise ResolutionError(f"LITv2 needs height and width that are multiples of 32, got {h}x{w}")
+        """Image → the stage-4 map after the final LayerNorm, (B, C, H/32, W/32). (Other sizes are
+        padded as the detection backbone pads, see PAD; the registry's classifier takes multiples of 32.)"""
         x, hw = self.patch_embed(x)
         for layer in self.layers:
             x, hw = layer(x, hw)
@@ -331,10 +339,7 @@ class LITv2(nn.Module):
     def forward_intermediates(self, x, indices):
         """Image → the maps at ``indices`` of ``feature_info`` (strides 4, 8, 16, 32), as the official
         detection backbone outputs them."""
-        h, w = x.shape[2], x.shape[3]
-        if h % 32 or w % 32:
-            raise ResolutionError(f"LITv2 needs height and width that are multiples of 32, got {h}x{w}")
-        x, hw = self.patch_embed(x)
+        x, hw = self.patch_embed(x)   # any size: padded as the detection backbone pads (see PAD)
         outs = []
         for i, layer in enumerate(self.layers[:max(indices) + 1]):
             for blk in layer.blocks:
@@ -384,9 +389,14 @@ def _infer(sd: dict) -> dict:
     return {"num_classes": int(w.shape[0]) if w is not None else 0}
 
 
+# How the official detection backbone (detection/mmdet/models/backbones/litv2.py, ziplab/LITv2#6) takes
+# sizes that are not multiples of 32; ``export --features`` does the same.
+PAD = ("padded as LITv2's detection backbone pads: the image with zeros right/bottom to a multiple of 4, "
+       "each HiLo map to whole windows (cropped back); a DTM drops an odd last row/column")
+
 _META = dict(
     family="LITv2", paper="LITv2 (Pan et al., NeurIPS 2022)", default_res=224,
-    res_multiple=32, min_res=64, infer_kwargs=_infer,
+    res_multiple=32, min_res=64, infer_kwargs=_infer, features_pad=PAD,
     weights_note="official ziplab/LITv2 checkpoints ({'model': sd}) load as they are",
     # ziplab/LITv2 classification/data/build.py build_transform (eval, Swin's) with config.py defaults
     # TEST.CROP = True, DATA.INTERPOLATION = 'bicubic' (the litv2-*.yaml configs keep them):
