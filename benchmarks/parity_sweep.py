@@ -47,8 +47,10 @@ def features_report(results: dict) -> str:
     from edgevit_export.registry import get_model_info
 
     sizes = sorted({_split(k)[1] for k in results}, key=lambda r: [int(v) for v in r.split("x")])
-    kinds = ("onnx", "coreml:fp32")
-    head = [f"{r} {'ONNX' if k == 'onnx' else 'Core ML fp32'}" for r in sizes for k in kinds]
+    kinds = ("onnx", "coreml:fp32", "coreml:fp32:tensor")
+    titles = {"onnx": "ONNX", "coreml:fp32": "Core ML fp32", "coreml:fp32:tensor": "Core ML fp32 tensor input"}
+    kinds = [k for k in kinds if any(_split(key)[2] == k for key in results)]
+    head = [f"{r} {titles[k]}" for r in sizes for k in kinds]
     lines = ["| model | outputs (stride: channels) | " + " | ".join(head) + " |",
              "|---|---|" + "---:|" * len(head)]
     for name in list_models():
@@ -56,8 +58,14 @@ def features_report(results: dict) -> str:
         for r in sizes:
             for k in kinds:
                 e = results.get(f"{name}:{r}:{k}:features")
-                cells.append("—" if e is None else (f"{e['max_rel']:.1e}" if e.get("passed") else
-                                                   f"FAIL ({e.get('error') or e.get('max_rel')})"))
+                if e is None:
+                    cells.append("—")
+                elif e.get("passed"):
+                    cells.append(f"{e['max_rel']:.1e}")
+                elif e.get("error"):
+                    cells.append("✗ refused" + (" (normalize_input)" if "normalize_input" in e["error"] else ""))
+                else:
+                    cells.append(f"✗ {e['max_rel']:.1e}")
         if all(c == "—" for c in cells):
             continue
         outs = ", ".join(f"s{f.stride}: {f.channels}" for f in feature_info(skeleton(get_model_info(name).builder)))
@@ -101,12 +109,13 @@ def report(results: dict) -> str:
 def _split(spec: str) -> tuple[str, str, str]:
     """model:res:format[:precision][:features] → (model, res, kind) with kind onnx | coreml:fp16 |
     coreml:fp32 (a trailing ``:features`` is the backbone export)."""
-    name, res, fmt, *rest = [p for p in spec.split(":") if p != "features"]
-    return name, res, fmt if fmt == "onnx" else f"{fmt}:{rest[0] if rest else 'fp16'}"
+    name, res, fmt, *rest = [p for p in spec.split(":") if p not in ("features", "tensor")]
+    kind = fmt if fmt == "onnx" else f"{fmt}:{rest[0] if rest else 'fp16'}"
+    return name, res, kind + (":tensor" if ":tensor" in spec else "")
 
 
 def main(argv: list[str]) -> int:
-    features = "--features" in argv or "--features-report" in argv
+    features = "--features" in argv or "--features-report" in argv or any(a.endswith(":features") for a in argv)
     dest = Path(__file__).parent / "results" / ("features.json" if features else "parity.json")
     results = json.loads(dest.read_text()) if dest.exists() else {}
     if "--report" in argv:
@@ -135,8 +144,9 @@ def main(argv: list[str]) -> int:
         t = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory() as d:
-                r = api.export(name, format=fmt, res=res, out=d, precision=precision or "fp16",
-                               features="all" if spec.endswith(":features") else None)
+                r = api.export(name, format=fmt, res=res, out=d, precision=(precision or "fp16").split(":")[0],
+                               features="all" if spec.endswith(":features") else None,
+                               tensor_input=":tensor" in spec)
         except (EdgeExportError, CheckFailed, RuntimeError, ValueError, MemoryError) as e:
             failed += 1
             results[spec] = {"passed": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}

@@ -25,6 +25,7 @@ def test_inspect_litv2_reports_rank6_fixed(cli):
     assert ops.get("layer_norm", 0) > 0            # LITv2's LayerNorms stay one op each in Core ML
 
 
+@pytest.mark.slow   # two Core ML conversions; the inspect table and ORT Mobile partitions run in the fast tier
 def test_inspect_coreml_counts_the_programs_ops_before_and_after(cli):
     res = cli("inspect", "shvit_s1", "--res", "64", "--format", "coreml", "--json")
     assert res.exit_code == 0, res.output

@@ -49,6 +49,7 @@ def _shapes_images(trained, n=20):
     return np.stack([it.x for it in cdata.ImageSource(files, pre)])
 
 
+@pytest.mark.slow   # a PT2E quantize + LiteRT conversion; the int8 rewrites run in the fast tier below
 def test_int8_tflite_keeps_accuracy_in_one_xnnpack_partition(tflite_int8):
     assert tflite_int8.res.exit_code == 0, tflite_int8.res.output
     m = tflite_int8.manifest
@@ -65,6 +66,7 @@ def test_int8_tflite_keeps_accuracy_in_one_xnnpack_partition(tflite_int8):
     assert ops.get("QUANTIZE", 0) >= 1 and ops.get("DEQUANTIZE", 0) >= 1 and "HARD_SWISH" not in ops
 
 
+@pytest.mark.slow
 def test_int8_tflite_runs_and_agrees_with_float(trained, tflite_int8):
     from edgevit_export import api
     from edgevit_export.calibration import accuracy as acc

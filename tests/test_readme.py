@@ -12,7 +12,7 @@ import pytest
 import typer
 from typer._click.exceptions import UsageError  # typer vendors click
 
-from edgevit_export.cli import app
+from edgevit_export.cli import app, argv
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -39,7 +39,7 @@ def test_readme_has_the_commands_users_copy():
 @pytest.mark.parametrize("line", COMMANDS)
 def test_readme_command_parses(line):
     group = typer.main.get_command(app)
-    args = shlex.split(line)[1:]
+    args = argv(shlex.split(line)[1:])   # as main() parses them (a bare --features)
     with group.make_context("edgevit-export", list(args)) as ctx:
         cmd = group.get_command(ctx, args[0])
         assert cmd is not None, f"README names an unknown subcommand: {line}"

@@ -89,6 +89,10 @@ def _onnx_target(p: Path, res, weights: str | None, purpose: str,
         if want != hw:
             raise ResolutionError(f"{p} takes {hw[0]}x{hw[1]} inputs, not {want[0]}x{want[1]}; "
                                   "drop --res or export the model at that resolution")
+    if len(out_dims) > 1 or (out_dims and len(out_dims[0]) == 4):
+        raise EdgeExportError(f"{p.name} outputs {len(out_dims)} feature map(s), not class scores (a --features "
+                              f"backbone export); {purpose} measures a classifier's accuracy: pass the classifier "
+                              "(export without --features) or the model name")
     ncls = out_dims[0][-1] if out_dims and out_dims[0] and isinstance(out_dims[0][-1], int) else None
     if ncls is None:
         raise EdgeExportError(f"{p} has no static class dimension on its output; export it with a fixed head")
