@@ -150,10 +150,12 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
     ml.input_description[in_name] = norm
     spec = ml.get_spec()
     out_names = [o.name for o in spec.description.output]
-    if meta.features:
+    if meta.features:   # the shapes the converted program declares (a padding family floors, others round up)
+        shapes = {o.name: list(o.type.multiArrayType.shape) for o in spec.description.output}
         for f in meta.features:
-            ml.output_description[f.name] = (f"feature map, stride {f.stride}: N×{f.channels}×{-(-h // f.stride)}×"
-                                             f"{-(-w // f.stride)} (output of {f.module}{', ' + f.norm if f.norm else ''})")
+            dims = "×".join(["N", *(str(d) for d in shapes[f.name][1:])])
+            ml.output_description[f.name] = (f"feature map, stride {f.stride}: {dims} "
+                                             f"(output of {f.module}{', ' + f.norm if f.norm else ''})")
     elif logits:
         ml.output_description["logits"] = f"raw logits, {meta.num_classes} classes (apply softmax for probabilities)"
     else:

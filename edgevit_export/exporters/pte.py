@@ -315,9 +315,11 @@ class PteRunner:
 def _manifest_output_names(path: Path, count: int) -> list[str]:
     """Output names from the manifest beside the ``.pte`` (its ``io``), which the program itself does
     not keep; ``logits``, ``output_1``, … without one."""
+    from . import get
+
     default = [OUTPUT_NAME if i == 0 else f"output_{i}" for i in range(count)]
     try:
-        outs = json.loads(path.with_name(f"{path.stem}.pte.json").read_text())["io"]["outputs"]
+        outs = json.loads(get("pte").manifest_path(path).read_text())["io"]["outputs"]
         names = [str(o["name"]) for o in outs]
     except (OSError, ValueError, KeyError, TypeError):
         return default
