@@ -24,10 +24,10 @@ run: $(STAMP)
 	$(BIN)/edgevit-export export shvit_s4 --format coreml --res 1024 --force
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "slow or not slow"
 
 clean:
 	rm -rf $(VENV) exports .pytest_cache

@@ -59,12 +59,16 @@ def _tool_versions() -> dict:
 
 
 def prepare_model(name: str, res, weights: str | None, distilled: bool | None, seed: int = 0,
-                  mean=None, std=None, features: bool = False):
+                  mean=None, std=None, features: bool = False, batch: int = 1, what: str = "export"):
     """Resolve a name, resolution and weights into (info, (h, w), eval model, random_init).
     ``mean``/``std``: the normalisation the inputs will have (default: the model's), for the
-    BatchNorm statistics of a randomly initialised model."""
+    BatchNorm statistics of a randomly initialised model. A size and ``batch`` that would not fit
+    in memory are refused before anything is built (``memory.check_fits``; ``what`` the command)."""
+    from .memory import check_fits
+
     info = get_model_info(name)
     hw = parse_resolution(res, info, features)   # a backbone (features) may take sizes its family pads
+    check_fits(name, info, hw, batch, what, features)
     model = create_model(name, weights=weights, distilled=distilled, seed=seed)
     if weights is None:
         randomize_norm_stats(model, seed)
@@ -159,7 +163,7 @@ def export(
     t0 = time.perf_counter()
     emit(progress, "build model")
     info, hw, model, random_init = prepare_model(name, hw, weights, distilled, mean=pre.mean, std=pre.std,
-                                                 features=picked is not None)
+                                                 features=picked is not None, batch=batch)
     example = torch.randn(batch, 3, *hw, generator=torch.Generator().manual_seed(0))
     classifier = model
     if picked is not None:
@@ -258,10 +262,9 @@ def export(
         manifest["sha256"] = artifacts.sha256(staged)
         staged_manifest = tmp / manifest_path.name
         staged_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-        artifacts.commit(staged, artifact)
-        if golden_kept:
-            artifacts.commit(tmp / golden_path.name, golden_path)
-        artifacts.commit(staged_manifest, manifest_path)
+        artifacts.commit_all([(staged, artifact)] + ([(tmp / golden_path.name, golden_path)] if golden_kept else [])
+                             + [(staged_manifest, manifest_path)], force,
+                             stale=() if golden_kept else (golden_path,))
     return ExportResult(name, format, hw, artifact, manifest_path, manifest, pipe,
                         parity=checks.get("parity"), checks=checks, random_init=random_init, seconds=timings)
 
@@ -639,7 +642,7 @@ def inspect(name: str, *, res=None, format: str = "onnx", passes: str | None = "
     backend = exporters.get(format).backend()
     backend.validate_options()              # a missing extra is one line, before any work
     names = resolve_passes(passes, format)
-    info_, hw, model, _ = prepare_model(name, res, weights, None)
+    info_, hw, model, _ = prepare_model(name, res, weights, None, what="inspect")
     example = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
     emit(progress, "capture")
     ep = capture(model, example)

@@ -5,6 +5,7 @@ Exit codes: 0 success · 1 a check failed · 2 bad input or usage.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -18,11 +19,40 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .calibration.data import OVERRIDE_HELP as PRE_HELP
 from .errors import CheckFailed, EdgeExportError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (an unknown option, a missing argument, a value of the wrong type) in the same
+    one line as every other user error, instead of typer's boxed panel; exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:   # typer's own click: UsageError, BadParameter, NoSuchOption, …
+            if type(e).__name__ == "NoArgsIsHelpError":
+                e.show()
+                code = 0
+            else:
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                msg = " ".join(e.format_message().split())
+                err_console.print(f"[bold red]error:[/] {msg}{hint}", highlight=False, soft_wrap=True)
+                code = getattr(e, "exit_code", 2)
+        except typer.Abort:
+            err_console.print("[bold red]error:[/] aborted", highlight=False)
+            code = 1
+        else:
+            code = rv if isinstance(rv, int) else 0
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Export efficient vision transformers to ONNX and Core ML; check, quantize, benchmark.")
 console = Console()
 err_console = Console(stderr=True)
@@ -35,20 +65,38 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+USER_OS_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                  errno.ELOOP, errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
 def handle_errors(fn):
     """User mistakes → one line on stderr and exit 2; failed checks → exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .progress import sticky_interrupts
+
         _quiet_libraries()
         try:
-            return fn(*args, **kwargs)
+            with sticky_interrupts():
+                return fn(*args, **kwargs)
         except EdgeExportError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except CheckFailed as e:
             err_console.print(f"[bold red]check failed:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
+        except OSError as e:
+            if e.errno not in USER_OS_ERRORS:
+                raise
+            # a path the user named that the system refuses (too long, not permitted, full disk)
+            where = f": {str(e.filename)[:120]}{'…' if len(str(e.filename)) > 120 else ''}" if e.filename else ""
+            err_console.print(f"[bold red]error:[/] {e.strerror}{where}; check the paths given",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:   # staged files are gone by now (artifacts.staging)
+            err_console.print("interrupted: nothing was written", highlight=False)
+            raise typer.Exit(130)
 
     return wrapper
 
@@ -415,8 +463,8 @@ def argv(args: list[str]) -> list[str]:
 def main() -> None:
     try:
         app(args=argv(sys.argv[1:]), standalone_mode=True)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
+    except KeyboardInterrupt:   # outside a command (while importing, say)
+        err_console.print("interrupted: nothing was written", highlight=False)
         sys.exit(130)
 
 

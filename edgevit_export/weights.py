@@ -38,7 +38,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise WeightsError(f"weights path is not a file: {p}")
     if _is_safetensors(p):
-        return unwrap_state_dict(_read_safetensors(p), source=str(p))
+        return _finite(unwrap_state_dict(_read_safetensors(p), source=str(p)), p)
     try:
         # Training scripts (DeiT-style main.py) store their argparse Namespace beside the weights:
         # plain data, safe to allow. Anything else that is not tensors/containers is refused.
@@ -56,10 +56,35 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # any failure to parse a file the user named is bad input, not a bug
         first = first_line(e)
         raise WeightsError(
-            f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {first[:160]}); "
+            f"{p} is not a readable PyTorch checkpoint ({_why_unreadable(p, e, first)}); "
             "pass a .pth/.pt saved with torch.save or a .safetensors file"
         ) from None
-    return unwrap_state_dict(obj, source=str(p))
+    return _finite(unwrap_state_dict(obj, source=str(p)), p)
+
+
+def _why_unreadable(p: Path, e: Exception, first: str) -> str:
+    """What is wrong with the file, in a user's terms: torch.load's message for a file that is no
+    checkpoint at all is the unpickler's (``KeyError: 137``: the first byte read as an opcode)."""
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        return "neither a zip archive of torch.save nor a pickle: not a checkpoint file"
+    if head[:2] == b"PK":
+        return f"a zip archive torch.save did not write, or one cut short ({type(e).__name__}: {first[:120]})"
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def _finite(sd: dict[str, torch.Tensor], p: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint holding NaN or Inf is a broken file, not a model to export: say which tensor."""
+    for k, v in sd.items():
+        if (v.is_floating_point() or v.is_complex()) and v.numel() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            kind = "NaN" if bool(torch.isnan(v).any()) else "Inf"
+            raise WeightsError(f"{p}: tensor '{k}' holds {kind} ({bad:,} of {v.numel():,} values are not finite); "
+                               "the checkpoint is corrupt or its training diverged — use another checkpoint")
+    return sd
 
 
 def _is_safetensors(p: Path) -> bool:
@@ -90,8 +115,10 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
                 break
             obj = inner
     if not isinstance(obj, dict) or not _is_state_dict(obj):
+        what = (f"a {type(obj).__name__}" if not isinstance(obj, dict) else
+                "no tensors" if obj else "an empty dict")
         raise WeightsError(
-            f"{source} holds no state dict (expected tensors by name, or {{'model': state_dict}})"
+            f"{source} holds {what}, not a state dict (expected tensors by name, or {{'model': state_dict}})"
         )
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if sd and all(k.startswith("module.") for k in sd):
@@ -120,8 +147,12 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, source: 
         for k in own
         if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
     ]
+    # load_state_dict would cast an integer or bool tensor into a float parameter without a word
+    dtype = [f"{k} is {str(sd[k].dtype).replace('torch.', '')}" for k in own
+             if k in sd and own[k].is_floating_point() and not sd[k].is_floating_point()]
     problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                        ("integer or bool where a float is needed", dtype)):
         if keys:
             shown = ", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")
             problems.append(f"{len(keys)} {label} ({shown})")

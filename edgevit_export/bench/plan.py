@@ -78,6 +78,7 @@ def plan(models: list[ModelSpec], res: list[str | None], batch: int, runtime: st
          features: bool = False) -> list[Plan]:
     """Every (model, resolution) to time, checked before anything is exported or timed."""
     from ..exporters.artifacts import res_tag
+    from ..memory import check_fits
     from ..registry import get_model_info, parse_resolution
 
     out = []
@@ -110,6 +111,7 @@ def plan(models: list[ModelSpec], res: list[str | None], batch: int, runtime: st
             info = get_model_info(m.name)
             for r in res:
                 hw = parse_resolution(r, info, features)
+                check_fits(m.name, info, hw, batch, "benchmark", features)
                 out.append(Plan(m, hw, f"{m.name}@{res_tag(hw)}"))
     seen, unique = set(), []
     for p in out:

@@ -254,12 +254,19 @@ def register(app, console, handle_errors) -> None:
         from ..errors import EdgeExportError
         from .shapes import DOMAINS, write_shapes
 
-        if per_class < 1 or size < 16:
-            raise EdgeExportError("--per-class must be at least 1 and --size at least 16")
+        from dataclasses import replace
+
+        from ..exporters import artifacts
+
+        if per_class < 1 or not 16 <= size <= 4096 or per_class > 100_000:
+            raise EdgeExportError("--per-class must be 1 to 100000 and --size 16 to 4096")
         if domain not in DOMAINS:
             raise EdgeExportError(f"--domain must be one of {' | '.join(DOMAINS)}, not {domain!r}")
-        with Bars(console) as bars:
-            s = write_shapes(out, per_class, size=size, seed=seed, domain=domain, progress=bars)
+        out = artifacts.check_out_dir(out)
+        with Bars(console) as bars, artifacts.staging(out) as tmp:   # drawn aside, then moved in: never half a set
+            s = write_shapes(tmp, per_class, size=size, seed=seed, domain=domain, progress=bars)
+            artifacts.commit_all([(tmp / c, out / c) for c in s.classes], force=True)
+        s = replace(s, root=out)
         console.print(f"[bold green]wrote[/] {s.count} images in {len(s.classes)} classes to {s.root}")
 
     @app.command("train-shapes")
@@ -282,14 +289,21 @@ def register(app, console, handle_errors) -> None:
 
         if domain not in DOMAINS:
             raise EdgeExportError(f"--domain must be one of {' | '.join(DOMAINS)}, not {domain!r}")
+        from ..exporters import artifacts
+
+        if threads is not None and threads < 1:
+            raise EdgeExportError(f"--threads must be at least 1, got {threads}")
+        out = artifacts.check_out_dir(out)
         ckpt = out / (f"{model}-shapes-{res}.pth" if domain == "shapes" else f"{model}-{domain}-{res}.pth")
         if ckpt.exists() and not force:
             raise OutputError(f"{ckpt} already exists; pass --force to retrain")
-        with Bars(console) as bars:
-            r = train_shapes(ckpt, model=model, res=res, per_class=per_class, epochs=epochs, threads=threads,
-                             domain=domain, progress=bars)
-            write_shapes(out / "calib", 30, size=draw_size(res), seed=TRAIN_SEED, domain=domain, progress=bars)
-            write_shapes(out / "test", 100, size=draw_size(res), seed=TEST_SEED, domain=domain, progress=bars)
+        with Bars(console) as bars, artifacts.staging(out) as tmp:   # all three land together, or nothing
+            r = train_shapes(tmp / ckpt.name, model=model, res=res, per_class=per_class, epochs=epochs,
+                             threads=threads, domain=domain, progress=bars)
+            write_shapes(tmp / "calib", 30, size=draw_size(res), seed=TRAIN_SEED, domain=domain, progress=bars)
+            write_shapes(tmp / "test", 100, size=draw_size(res), seed=TEST_SEED, domain=domain, progress=bars)
+            artifacts.commit_all([(tmp / ckpt.name, ckpt), (tmp / "calib", out / "calib"),
+                                  (tmp / "test", out / "test")], force=True)
         t = Table(title=f"{model} trained on drawn {domain} at {res}px")
         for col in ("train images", "epochs", "train top-1", "held-out top-1", "seconds", "threads"):
             t.add_column(col, justify="right")

@@ -401,16 +401,46 @@ class CorruptImage(Exception):
     pass
 
 
+from struct import error as struct_error  # noqa: E402  (Pillow raises it on some cut files)
+
+
+MAX_PIXELS = 89_478_485   # Pillow's decompression-bomb limit (it only warns below twice this)
+
+
 def load_image(path: Path):
+    """Any image Pillow reads, as 8-bit RGB: CMYK, greyscale, palette and bilevel through Pillow's
+    conversions; alpha dropped as timm's loader drops it (``convert("RGB")``); 16-bit and 32-bit
+    greyscale scaled to 8 bits (Pillow's own conversion clips them to white). Files that are not
+    images, truncated, or larger than ``MAX_PIXELS`` (a decompression bomb: a small file claiming
+    enormous dimensions) raise CorruptImage, which the readers count as skipped."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise CorruptImage(f"{w}x{h} pixels is beyond the {MAX_PIXELS:,}-pixel limit (a decompression bomb?)")
             im.load()
+            if im.mode.startswith("I") or im.mode == "F":
+                return _deep_to_rgb(im)
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            EOFError, struct_error) as e:
         msg = first_line(e)
         raise CorruptImage(msg[:120]) from None
+
+
+def _deep_to_rgb(im):
+    """16-bit ('I;16*', or 'I' holding 0-65535) and float ('F', 0-1 or 0-255) greyscale → 8-bit RGB."""
+    from PIL import Image
+
+    a = np.asarray(im).astype(np.float64)
+    if im.mode == "F":
+        a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
+    elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
+        a = a / 257.0
+    g = np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(g, "L").convert("RGB")
 
 
 @dataclass

@@ -112,6 +112,5 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
         result.manifest["seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
         staged_manifest = tmp / manifest_path.name
         staged_manifest.write_text(manifest_json(result.manifest))
-        artifacts.commit(tmp / artifact.name, artifact)
-        artifacts.commit(staged_manifest, manifest_path)
+        artifacts.commit_all([(tmp / artifact.name, artifact), (staged_manifest, manifest_path)], opts.force)
     return result

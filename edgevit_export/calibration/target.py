@@ -124,10 +124,12 @@ def _onnx_target(p: Path, res, weights: str | None, purpose: str,
 
 
 def _model_target(model: str, res, weights: str | None, overrides: PreprocessOverrides | None = None) -> Target:
+    from ..memory import check_fits
     from ..registry import create_model, get_model_info, parse_resolution
 
     info = get_model_info(model)             # UnknownModelError for a bad name
     hw = parse_resolution(res, info)
+    check_fits(model, info, hw, 1, "quantize")
     net = create_model(model, weights=weights)   # WeightsError for a bad checkpoint
     ncls = getattr(net, "num_classes", None)
     if not isinstance(ncls, int) or ncls <= 0:

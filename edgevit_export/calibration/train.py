@@ -105,6 +105,10 @@ def train_shapes(checkpoint: str | Path, *, model: str = "shvit_s1", res: int = 
         raise EdgeExportError("train a square resolution, e.g. --res 64")
     if per_class < 1 or epochs < 1 or batch < 1:
         raise EdgeExportError("--per-class, --epochs and --batch must be at least 1")
+    from ..memory import check_fits
+
+    check_fits(model, info, hw, min(batch, per_class * len(classes)), "train",
+               per_pixel=3 * 4 * (per_class + val_per_class) * len(classes))   # the drawn sets, float32
     checkpoint = Path(checkpoint).expanduser()
     if checkpoint.parent and not checkpoint.parent.exists():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)

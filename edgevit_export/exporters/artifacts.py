@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,16 +38,28 @@ def check_out_dir(out: str | Path) -> Path:
     if d.exists():
         if not d.is_dir():
             raise OutputError(f"--out {d} exists and is not a directory; pass a directory")
-        if not os.access(d, os.W_OK):
+        if not _can_write(d):
             raise OutputError(f"output directory {d} is not writable; pass a writable --out")
         return d
     parent = d.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
+    if not parent.is_dir() or not _can_write(parent):
         why = "not a directory" if not parent.is_dir() else "not writable"
         raise OutputError(f"cannot create output directory {d}: {parent} is {why}; pass a writable --out")
     return d
+
+
+def _can_write(d: Path) -> bool:
+    """By trying (a directory made and removed at once): os.access says yes to root on read-only
+    mounts and pseudo-filesystems, where the export would fail only after all its work."""
+    if not os.access(d, os.W_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".edgevit-probe-", dir=d))
+    except OSError:
+        return False
+    return True
 
 
 def check_free(paths: list[Path], force: bool) -> None:
@@ -52,20 +68,96 @@ def check_free(paths: list[Path], force: bool) -> None:
         raise OutputError(f"{existing[0]} already exists; pass --force to replace it")
 
 
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def disk_full(e: BaseException | None) -> str | None:
+    """Why a write ran out of space, if that is what ``e`` is: converters wrap the OSError of a
+    failed write in their own exceptions, so the chain of causes is walked; coremltools' weight
+    writer (C++) says only "[MIL FileWriter]: Unknown error occurred while writing data"."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return e.strerror
+        if isinstance(e, RuntimeError) and "FileWriter" in str(e):
+            return "coremltools could not write the weights"
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 @contextmanager
 def staging(out_dir: Path):
     """A temporary directory next to the final artifacts (same filesystem, so moves are atomic
-    renames); removed on the way out whatever happens. Creates ``out_dir`` if needed, and removes
-    it again if it was created here and nothing was written to it."""
+    renames); removed on the way out whatever happens (an error, Ctrl-C). Creates ``out_dir`` if
+    needed, and removes it again if it was created here and nothing was written to it. A write
+    that runs out of space becomes one line (OutputError) instead of the converter's traceback."""
     created = not Path(out_dir).exists()
     prepare_out_dir(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".edgevit-tmp-", dir=out_dir))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".edgevit-tmp-", dir=out_dir))
+    except OSError as e:
+        raise OutputError(f"cannot write to {out_dir}: {e.strerror}; pass a writable --out") from None
     try:
         yield tmp
+    except Exception as e:
+        full = disk_full(e)
+        if full is None:
+            raise
+        raise OutputError(f"no space left writing to {out_dir} ({full}); nothing was written — free some "
+                          f"space (there and in {tempfile.gettempdir()}) or pass another --out") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created and not any(Path(out_dir).iterdir()):
+        if created and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
             Path(out_dir).rmdir()
+
+
+@contextmanager
+def _deferred_sigint():
+    """Ctrl-C waits until the block is done (the main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def _locked(out_dir: Path):
+    """An exclusive lock on the output directory itself (flock on its descriptor: no lock file is
+    left behind), held while a set of files is put in place."""
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def commit_all(moves: list[tuple[Path, Path]], force: bool, stale: tuple[Path, ...] = ()) -> None:
+    """Put a set of staged files in place as one step: the artifact, then its golden file, the
+    manifest last. Two exports to the same place take turns (a lock on the directory), so a
+    manifest always describes the artifact beside it; Ctrl-C waits until the set is complete; and
+    without ``force`` a file that appeared meanwhile (another export got there first) is never
+    replaced: the export is refused before anything moves. ``stale``: files of the old set that the
+    new one does not have (a golden file beside an artifact exported without the check), removed."""
+    from ..progress import raise_if_interrupted
+
+    raise_if_interrupted()      # a Ctrl-C a converter swallowed: nothing moves
+    out_dirs = {final.parent for _, final in moves}
+    assert len(out_dirs) == 1, out_dirs
+    with _deferred_sigint(), _locked(out_dirs.pop()):
+        if not force:
+            check_free([final for _, final in moves], force)
+        for staged, final in moves:
+            commit(staged, final)
+        for old in stale:
+            old.unlink(missing_ok=True)
 
 
 def commit(staged: Path, final: Path) -> None:

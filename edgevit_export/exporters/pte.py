@@ -267,6 +267,23 @@ def set_threads(threads: int) -> None:
         _unsafe_reset_threadpool(threads)
 
 
+def _check_header(path: Path) -> None:
+    """What the runtime would abort the process on (a failed ET_CHECK, not an exception): a file
+    that is not an ExecuTorch program (flatbuffer identifier ``ET`` + 2 digits at byte 4), or one
+    shorter than its extended header ("eh00": program size, segment offset and size) declares."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(40)
+    if len(head) < 8 or head[4:6] != b"ET" or not head[6:8].isdigit():
+        raise CannotRun(f"{path.name} is not an ExecuTorch program (no 'ET' flatbuffer identifier); "
+                        "export it again with 'edgevit-export export MODEL --format pte'")
+    if head[8:12] == b"eh00" and len(head) >= 40:
+        program, base, data = (int.from_bytes(head[i:i + 8], "little") for i in (16, 24, 32))
+        if program > size or (data and base + data > size):
+            raise CannotRun(f"{path.name} is cut short ({size:,} bytes; its header declares "
+                            f"{max(program, base + data):,}); export or copy it again")
+
+
 class PteRunner:
     """A ``.pte`` in ExecuTorch's runtime (``executorch.runtime.Runtime``: portable kernels and the
     XNNPACK delegate, ``threads`` threads)."""
@@ -276,6 +293,7 @@ class PteRunner:
         from executorch.runtime import Runtime
 
         self.path = Path(path)
+        _check_header(self.path)
         with quiet_native():
             set_threads(threads)
             try:

@@ -140,11 +140,14 @@ def convert_module(module: torch.nn.Module, example: torch.Tensor, path: Path, o
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_native():
             warnings.simplefilter("ignore")
             model = litert_torch.convert(wrapped, sample_kwargs={INPUT_NAME: x}, quant_config=quant_config)
-            model.export(str(path))
+            content = model.model_content()
     except EdgeExportError:
         raise
     except Exception as e:   # the converter failed on an op: a bug here or in litert-torch, said in one line
         raise EdgeExportError(f"litert-torch could not convert this program: {first_line(e)[:300]}") from None
+    # written here, not by the converter's C++ writer: a full disk is then an OSError (one line),
+    # where the native writer ends the process without a word
+    Path(path).write_bytes(content)
     facts = describe(path)
     return {"delegate": "xnnpack", "layout": options.get("layout", "nchw"), "delegation": facts["delegation"],
             "ops": facts["ops"], "io": facts["io_spec"], "bytes": Path(path).stat().st_size}
