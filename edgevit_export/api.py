@@ -136,6 +136,7 @@ def export(
     from .exporters import artifacts
 
     fmt = exporters.get(format)
+    format = fmt.name
     overrides = PreprocessOverrides.parse(crop_pct, interpolation, mean, std)
     backend = fmt.backend()
     if batch < 1:
@@ -147,6 +148,7 @@ def export(
     if not options.get("tensor_input", True) and "normalize_input" not in pass_names:
         pass_names.append("normalize_input")  # an image input takes raw pixels: part of the input contract
     info = get_model_info(name)
+    name = info.name                         # SHViT_S4, shvit-s4, shvit_s4.in1k → shvit_s4
     hw = parse_resolution(res, info, features=features is not None)
     picked = _features.select(skeleton(info.builder), features) if features is not None else None
     pre = Preprocess.of_model(info, hw, overrides)

@@ -25,9 +25,26 @@ from .calibration.data import OVERRIDE_HELP as PRE_HELP
 from .errors import CheckFailed, EdgeExportError
 
 
+def _no_metavar(get_help_option):
+    def get(ctx):
+        opt = get_help_option(ctx)
+        if opt is not None and opt.metavar is None:
+            opt.metavar = ""
+        return opt
+    return get
+
+
 class _OneLineErrors(TyperGroup):
     """Usage errors (an unknown option, a missing argument, a value of the wrong type) in the same
     one line as every other user error, instead of typer's boxed panel; exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for cmd in [self, *self.commands.values()]:   # a flag takes no value: no "<bool>" in --help
+            for p in cmd.params:
+                if getattr(p, "is_flag", False) and p.metavar is None:
+                    p.metavar = ""
+            cmd.get_help_option = _no_metavar(cmd.get_help_option)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -53,7 +70,22 @@ class _OneLineErrors(TyperGroup):
 
 
 app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  help="Export efficient vision transformers to ONNX and Core ML; check, quantize, benchmark.")
+                  help="Export efficient vision transformers to ONNX, Core ML, ExecuTorch and LiteRT; check, "
+                       "quantize, benchmark.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"edgevit-export {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Export efficient vision transformers to ONNX, Core ML, ExecuTorch and LiteRT; check, quantize, benchmark."""
 console = Console()
 err_console = Console(stderr=True)
 
@@ -106,6 +138,18 @@ FEATURES_HELP = ("Export the backbone: no pooling or classifier; outputs are the
                  "--features s16,s32 ('edgevit-export info MODEL' lists them).")
 
 
+def _tag_note(model: str, weights) -> None:
+    """A timm name with its pretrained tag (``fastvit_t8.apple_in1k``): say what it means here."""
+    if "." not in model:
+        return
+    from .registry import canonical_name
+
+    name = canonical_name(model)
+    tail = "" if weights else "; nothing is downloaded: give the checkpoint with --weights FILE"
+    console.print(f"[yellow]{model}: timm's pretrained tag '{model.split('.', 1)[1]}' names weights, "
+                  f"not a model — this is {name}{tail}[/]", highlight=False, soft_wrap=True)
+
+
 def _fmt_m(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{v:,.{digits}f}"
 
@@ -156,6 +200,7 @@ def info(
     from .api import info as api_info
 
     r = api_info(model, res)
+    _tag_note(model, weights=None)
     s = r.summary
     console.print(f"[bold]{s.name}[/] — {s.family}, {s.paper}")
     console.print(f"input {r.res[0]}×{r.res[1]} · params {s.params / 1e6:.2f} M · MACs {s.macs / 1e6:,.1f} M"
@@ -225,6 +270,8 @@ def export(
     started = time.perf_counter()
 
     def progress(event):
+        if event.task == "build model":
+            _tag_note(model, weights)
         if event.task == "build model" and weights is None:  # inputs are valid by now
             console.print(f"[yellow]no --weights: {model} is randomly initialised (seed 0); "
                           "the artifact is for testing the pipeline, not for predictions[/]")

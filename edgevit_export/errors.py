@@ -25,7 +25,7 @@ class EdgeExportError(Exception):
 
 class UnknownModelError(EdgeExportError):
     def __init__(self, name: str, known: list[str]):
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(str(name).strip().lower().replace("-", "_"), known, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         super().__init__(f"unknown model '{name}'.{hint} Run 'edgevit-export list' to see all models.")
 

@@ -118,12 +118,22 @@ def list_models(family: str | None = None) -> list[str]:
     return [n for n, i in _REGISTRY.items() if family is None or i.family == family]
 
 
-def get_model_info(name: str) -> ModelInfo:
+def canonical_name(name: str) -> str:
+    """The zoo's name for what a user typed: any case, dashes for underscores (``SHViT-S4``), and a
+    timm pretrained tag after the dot (``fastvit_t8.apple_in1k`` → ``fastvit_t8``; the weights
+    themselves still come with ``--weights``)."""
     _ensure_loaded()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownModelError(name, list(_REGISTRY)) from None
+    if name in _REGISTRY:
+        return name
+    key = str(name).strip().lower().replace("-", "_")
+    for k in (key, key.split(".")[0]):
+        if k in _REGISTRY:
+            return k
+    raise UnknownModelError(name, list(_REGISTRY))
+
+
+def get_model_info(name: str) -> ModelInfo:
+    return _REGISTRY[canonical_name(name)]
 
 
 def parse_resolution(res: int | str | tuple[int, int] | None, info: ModelInfo,

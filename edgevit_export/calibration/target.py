@@ -128,6 +128,7 @@ def _model_target(model: str, res, weights: str | None, overrides: PreprocessOve
     from ..registry import create_model, get_model_info, parse_resolution
 
     info = get_model_info(model)             # UnknownModelError for a bad name
+    model = info.name                        # any case, dashes, a timm tag → the zoo's name
     hw = parse_resolution(res, info)
     check_fits(model, info, hw, 1, "quantize")
     net = create_model(model, weights=weights)   # WeightsError for a bad checkpoint

@@ -65,9 +65,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 
 
 def get(name: str) -> Format:
-    if name not in FORMATS:
+    key = str(name).strip().lower()          # --format ONNX, CoreML
+    if key not in FORMATS:
         raise EdgeExportError(f"unknown format '{name}'; use one of: {', '.join(FORMATS)}")
-    return FORMATS[name]
+    return FORMATS[key]
 
 
 def of_artifact(path: str | Path) -> Format:
