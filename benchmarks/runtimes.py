@@ -96,7 +96,7 @@ def plot(results: dict, path: Path = PLOT) -> None:
 
     rows = sorted(results.values(), key=lambda r: (r["res"], r["model"]))
     keys = [f"{f} {p}" for f in FORMATS for p in ("fp32", "int8")]
-    fig, ax = plt.subplots(figsize=(max(6, 2.6 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 2.6 * len(rows)), 4.4), layout="constrained")
     width = 0.8 / len(keys)
     colors = {"onnx": "#4c72b0", "pte": "#dd8452", "tflite": "#55a868"}
     for j, k in enumerate(keys):
@@ -107,11 +107,14 @@ def plot(results: dict, path: Path = PLOT) -> None:
         xs = [i + (j - len(keys) / 2 + 0.5) * width for i in range(len(rows))]
         ax.bar(xs, med, width, yerr=[lo, hi], color=colors[fmt], alpha=1.0 if prec == "fp32" else 0.55,
                hatch="" if prec == "fp32" else "//", label=f"{FORMATS[fmt]} {prec}", capsize=2)
-    ax.set_xticks(range(len(rows)), [f"{r['model']}@{r['res']}" for r in rows])
-    ax.set_ylabel("median latency, ms (p10–p90)")
-    ax.set_title(f"batch 1, 2 threads, one run — {rows[0].get('cpu', '')}", fontsize=8)
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
+        for x, m, h in zip(xs, med, hi):     # the median, above its whisker
+            ax.annotate(f"{m:.1f}", (x, m + h), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{r['model']} @ {r['res']}" for r in rows])
+    ax.set_ylabel("median latency, ms (whiskers p10–p90)")
+    ax.set_ylim(0, max(r["timing"][k]["p90_ms"] for r in rows for k in keys) * 1.12)
+    ax.set_title("the same model in each phone CPU runtime, fp32 and int8", fontsize=10)
+    fig.suptitle(f"batch 1 · 2 threads · one run · {rows[0].get('cpu', '')}", fontsize=9)
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
     fig.savefig(path, dpi=120)
 
 

@@ -8,7 +8,7 @@ The public Python API (every call returns data; the CLI only renders it):
     quantize, evaluate                             int8 with calibration and an accuracy gate
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import CheckFailed, EdgeExportError  # noqa: E402
 from .registry import create_model, get_model_info, list_models  # noqa: E402

@@ -133,7 +133,9 @@ def export(
     named by stride, each checked against PyTorch on its own scale.
     """
     from . import exporters
-    from .exporters import artifacts
+    from .exporters import artifacts, bundle
+    from .labels import read_labels
+    from .weights import checkpoint_classes
 
     fmt = exporters.get(format)
     format = fmt.name
@@ -141,8 +143,12 @@ def export(
     backend = fmt.backend()
     if batch < 1:
         raise EdgeExportError(f"--batch must be at least 1, got {batch}")
+    if features is not None and labels is not None:
+        raise EdgeExportError("--labels names a classifier's classes; a --features export has no classifier "
+                              "(drop --labels)")
+    given = read_labels(labels) if labels is not None else None
     options = backend.validate_options(output=output, opset=opset, target=target, precision=precision,
-                                       labels=labels, tensor_input=tensor_input, logits=logits, layout=layout,
+                                       labels=given, tensor_input=tensor_input, logits=logits, layout=layout,
                                        features=features is not None)
     pass_names = resolve_passes(passes, format, tensor_input=options.get("tensor_input", False))
     if not options.get("tensor_input", True) and "normalize_input" not in pass_names:
@@ -159,7 +165,7 @@ def export(
         out_dir = artifacts.check_out_dir(out)
         artifact = out_dir / f"{name}-{artifacts.res_tag(hw)}{fmt.suffix}"
     manifest_path, golden_path = fmt.manifest_path(artifact), fmt.golden_path(artifact)
-    artifacts.check_free([artifact, manifest_path, golden_path], force)
+    artifacts.check_free([artifact, manifest_path, golden_path, *bundle.side_paths(manifest_path)], force)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -171,10 +177,13 @@ def export(
     if picked is not None:
         model = _features.Backbone(classifier, picked)
     num_classes = _num_classes(model, example) if picked is None else 0
-    given = options.get("labels")
     if given is not None and len(given) != num_classes:
         raise EdgeExportError(f"--labels has {len(given)} names but the model has {num_classes} classes; "
                               "give exactly one name per class, one per line")
+    names = None if picked is not None else bundle.resolve_labels(
+        num_classes, given, f"--labels {labels}", checkpoint_classes(weights) if weights else None)
+    if names is not None and "labels" in options:
+        options["labels"] = names.names          # a Core ML classifier carries them inside
     emit(progress, "capture (torch.export)")
     ep = capture(model, example)
     params_used = program_params(ep)   # before the passes fold anything: the parameters the outputs need
@@ -249,7 +258,9 @@ def export(
                                                                    hw[1] % info.res_multiple) else None,
             "normalization": normalization,
             "preprocess": pre.as_dict(),
-            "io": facts.pop("io"),
+            "io": bundle.complete_io(facts.pop("io"), normalization, pre.as_dict(), names,
+                                     bundle.side_paths(manifest_path)[0].name if names and names.names else None,
+                                     [f.as_dict() for f in model.features] if picked is not None else None),
             "passes": [p.as_dict() for p in pipe.passes],
             "pass_tolerance": pipe.tolerance,
             "graph": {"before": pipe.before.as_dict(), "after": pipe.after.as_dict()},
@@ -262,11 +273,14 @@ def export(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         manifest["sha256"] = artifacts.sha256(staged)
+        side = bundle.stage(tmp, manifest, manifest_path, names)     # labels file, MODEL-RES.md
         staged_manifest = tmp / manifest_path.name
         staged_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+        labels_file = bundle.side_paths(manifest_path)[0]
         artifacts.commit_all([(staged, artifact)] + ([(tmp / golden_path.name, golden_path)] if golden_kept else [])
-                             + [(staged_manifest, manifest_path)], force,
-                             stale=() if golden_kept else (golden_path,))
+                             + side + [(staged_manifest, manifest_path)], force,
+                             stale=(() if golden_kept else (golden_path,))
+                             + (() if names and names.names else (labels_file,)))
     return ExportResult(name, format, hw, artifact, manifest_path, manifest, pipe,
                         parity=checks.get("parity"), checks=checks, random_init=random_init, seconds=timings)
 
@@ -439,7 +453,8 @@ def run(artifact: str | Path, *, images: list[str | Path] | None = None, top: in
 
     from . import exporters
     from .calibration.data import CorruptImage, load_image
-    from .exporters.coreml import imagenet_labels
+    from .exporters.bundle import side_paths
+    from .labels import imagenet_labels, read_labels
 
     if top < 1:
         raise EdgeExportError(f"--top must be at least 1, got {top}")
@@ -490,7 +505,11 @@ def run(artifact: str | Path, *, images: list[str | Path] | None = None, top: in
     probs_name, labels, how = _probabilities(runner, results[0])
     if labels is None and probs_name is not None:
         n = results[0][probs_name].shape[-1]
-        labels = imagenet_labels() if n == 1000 else [str(k) for k in range(n)]
+        beside = side_paths(fmt.manifest_path(path))[0]     # the labels file the export wrote
+        wrote = (manifest.get("labels") or {}).get("file") and beside.is_file()
+        named = read_labels(beside, unique=False) if wrote else None
+        labels = (named if named and len(named) == n else imagenet_labels() if n == 1000
+                  else [f"class {k}" for k in range(n)])
     predictions = []
     for (src, _), r in zip(samples, results):
         if probs_name is None:

@@ -84,13 +84,26 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")):
+                                       help="Print the version and exit."),
+          verbose: bool = typer.Option(False, "--verbose", "-v",
+                                       help="Show the runtimes' own log lines and warnings (kept out of normal "
+                                            "output), e.g. for a bug report.")):
     """Export efficient vision transformers to ONNX, Core ML, ExecuTorch and LiteRT; check, quantize, benchmark."""
+    from .quiet import VERBOSE_ENV
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+
+
 console = Console()
 err_console = Console(stderr=True)
 
 
 def _quiet_libraries() -> None:
+    from .quiet import verbose
+
+    if verbose():
+        return
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for name in ("torch", "torch.onnx", "torch.export", "torch._export", "coremltools", "onnxscript", "root"):
@@ -134,7 +147,7 @@ def handle_errors(fn):
 
 
 FEATURES_HELP = ("Export the backbone: no pooling or classifier; outputs are the feature maps detection and "
-                 "segmentation heads take, named by stride (feat_s16, …). Bare: all of them; or a subset, e.g. "
+                 "segmentation heads take, named by stride (feat_s8, feat_s16, ...). Bare: all of them; or a subset, e.g. "
                  "--features s16,s32 ('edgevit-export info MODEL' lists them).")
 
 
@@ -234,6 +247,27 @@ def info(
     console.print(f)
 
 
+def render_bundle(manifest_path: Path, manifest: dict) -> None:
+    """What an export wrote, file by file (the manifest's ``bundle``), and a head without names."""
+    folder = manifest_path.parent
+    lab = manifest.get("labels") or {}
+    golden = manifest.get("golden") or {}
+    art = manifest.get("artifact")
+    what = {art: f"the model, {_size(folder / art)}" if (folder / art).exists() else "the model",
+            lab.get("file"): f"class names ({lab.get('source')})",
+            manifest_path.name: "manifest: io recipe, checks",
+            golden.get("file"): "inputs + PyTorch outputs, for check"}
+    files = manifest.get("bundle") or [art, manifest_path.name]
+    console.print(f"[bold green]wrote[/] {len(files)} files to {folder}/", highlight=False)
+    width = max(len(f) for f in files)
+    for f in files:
+        app_code = "Swift" if manifest.get("format") == "coreml" else "Kotlin"
+        desc = what.get(f) or (f"how to feed it ({app_code})" if f.endswith(".md") else "")
+        console.print(f"  {f:<{width}}  {desc}", highlight=False)
+    if lab.get("source") == "none":
+        console.print(f"[yellow]note:[/] {lab['note']}", highlight=False)
+
+
 @app.command()
 @handle_errors
 def export(
@@ -245,13 +279,15 @@ def export(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Exact artifact path (overrides --out)."),
     opset: int = typer.Option(18, help="ONNX opset (17 or newer)."),
     batch: int = typer.Option(1, help="Static batch size."),
-    passes: str = typer.Option("default", help="default | none | name,name,… (see 'edgevit-export passes')."),
+    passes: str = typer.Option("default", help="default | none | name,name,... (see 'edgevit-export passes')."),
     distilled: Optional[bool] = typer.Option(None, "--distilled/--no-distilled",
                                              help="Distillation head (default: detected from the checkpoint)."),
     target: str = typer.Option("iOS16", help="Core ML deployment target: iOS16 | iOS17 | iOS18."),
     precision: str = typer.Option("fp16", help="Core ML compute precision: fp16 | fp32."),
     tensor_input: bool = typer.Option(False, "--tensor-input", help="Core ML: plain normalised float input 'images'."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Core ML: class names, one per line."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Class names, one per line (default: the "
+                                          "checkpoint's, or ImageNet-1k for a 1000-class head); written beside "
+                                          "the artifact, and into a Core ML classifier."),
     logits: bool = typer.Option(False, "--logits", help="Core ML: raw logits output instead of a classifier."),
     layout: str = typer.Option("nchw", "--layout", help="LiteRT: input layout nchw (PyTorch's) | nhwc (an interleaved camera/bitmap buffer)."),
     crop_pct: Optional[str] = typer.Option(None, "--crop-pct",
@@ -291,11 +327,8 @@ def export(
         console.print(f"[yellow]{r.res[0]}x{r.res[1]} is not a multiple of what {model} takes: {r.manifest['padding']}[/]",
                       highlight=False)
     render_checks(r.checks)
-    golden = (f"\n[bold green]wrote[/] {r.manifest_path.with_name(r.manifest['golden']['file'])}  "
-              f"(seeded inputs ×{r.manifest['golden']['samples']} and PyTorch's outputs, for 'edgevit-export check')"
-              if r.manifest.get("golden") else "")
-    console.print(f"[bold green]wrote[/] {r.artifact}  ({_size(r.artifact)})\n[bold green]wrote[/] {r.manifest_path}"
-                  f"{golden}  [dim]{time.perf_counter() - started:.1f}s in all[/]")
+    render_bundle(r.manifest_path, r.manifest)
+    console.print(f"[dim]{time.perf_counter() - started:.1f}s in all[/]")
     if not r.passed:
         failed = [k for k, c in r.checks.items() if not c.get("passed", True)]
         fp16 = r.manifest["backend"].get("precision") == "fp16"
@@ -356,13 +389,12 @@ def passes_cmd():
     from .exporters import FORMATS
     from .passes import PASSES
 
-    t = Table(title="op-rewrite passes")
-    t.add_column("pass")
-    t.add_column("what it rewrites")
+    t = Table(title="op-rewrite passes (✓: in the format's default pipeline)", show_lines=True)
+    t.add_column("pass: what it rewrites", ratio=1, overflow="fold")
     for fmt in FORMATS:
-        t.add_column(f"default: {fmt}", justify="center")
+        t.add_column(fmt, justify="center", no_wrap=True)
     for name, p in PASSES.items():
-        t.add_row(name, p.summary, *("✓" if name in f.passes else "" for f in FORMATS.values()))
+        t.add_row(f"[bold]{name}[/]\n[dim]{p.summary}[/]", *("✓" if name in f.passes else "" for f in FORMATS.values()))
     console.print(t)
 
 
@@ -372,7 +404,7 @@ def inspect_cmd(
     model: str = typer.Argument(..., help="Model name (see 'edgevit-export list')."),
     res: Optional[str] = typer.Option(None, "--res", help="Input size: N or HxW (default: the model's)."),
     format: str = typer.Option("onnx", "--format", "-f", help="onnx | coreml | pte | tflite (which default pipeline; each also shows how its runtime takes the graph, before and after)."),
-    passes: str = typer.Option("default", help="default | none | name,name,…"),
+    passes: str = typer.Option("default", help="default | none | name,name,..."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Mobile-unfriendliness report before and after the pass pipeline, each finding with its source."""
@@ -391,15 +423,18 @@ def inspect_cmd(
     t.add_column("finding")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
-    t.add_column("where (after, else before)")
-    t.add_column("why it matters (source)")
-    t.add_row("total ops", str(r.before["nodes"]), str(r.after["nodes"]), "", "")
-    t.add_row("max tensor rank", str(r.before["max_rank"]), str(r.after["max_rank"]), "", "")
+    t.add_row("total ops", str(r.before["nodes"]), str(r.after["nodes"]))
+    t.add_row("max tensor rank", str(r.before["max_rank"]), str(r.after["max_rank"]))
+    notes = []     # where and why, under the table: module paths are too long for a cell at 80 columns
     for fb, fa in zip(r.findings_before, r.findings_after):
         style = "green" if fa.count < fb.count else ("red" if fa.count else "")
-        where = ", ".join(fa.examples or fb.examples)
-        t.add_row(fb.what, str(fb.count), f"[{style}]{fa.count}[/]" if style else str(fa.count), where, fb.source)
+        notes.append((fb.what, fa.examples or fb.examples, "after" if fa.examples else "before", fb.source))
+        t.add_row(f"{fb.what} [{len(notes)}]", str(fb.count), f"[{style}]{fa.count}[/]" if style else str(fa.count))
     console.print(t)
+    for i, (what, where, when, source) in enumerate(notes, 1):
+        console.print(f"[{i}] {what}: {source}", highlight=False)
+        for w in where:
+            console.print(f"    {when}: {w}", highlight=False, soft_wrap=True)
     if r.runtime:
         rt = Table(title=f"{r.runtime['title']}: before → after the passes")
         rt.add_column("")

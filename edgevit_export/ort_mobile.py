@@ -15,11 +15,11 @@ static shape only; the per-op caveats in those lists (e.g. "only 2D Conv") are n
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import tempfile
 from pathlib import Path
 
+from .quiet import silenced
 from .errors import EdgeExportError, first_line
 
 # our key → the supported-op list in onnxruntime/tools/mobile_helpers/ (None: NNAPI's own function)
@@ -36,7 +36,7 @@ def _quiet():
     previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with silenced():
             yield
     finally:
         logging.disable(previous)

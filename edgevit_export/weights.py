@@ -62,6 +62,32 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return _finite(unwrap_state_dict(obj, source=str(p)), p)
 
 
+CLASS_KEYS = ("classes", "class_names", "labels")
+
+
+def checkpoint_classes(path: str | Path) -> list[str] | None:
+    """The class names a checkpoint carries beside its weights (``{'model': sd, 'classes': [...]}``,
+    as ``train-shapes`` saves; a .safetensors file's ``classes`` metadata, JSON), or None."""
+    import json
+
+    p = Path(path).expanduser()
+    try:
+        if _is_safetensors(p):
+            from safetensors import safe_open
+
+            with safe_open(str(p), "pt") as f:
+                raw = (f.metadata() or {}).get("classes")
+            names = json.loads(raw) if raw else None
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            names = next((obj[k] for k in CLASS_KEYS if isinstance(obj, dict) and k in obj), None)
+    except Exception:   # the weights themselves were read by read_checkpoint; names are optional
+        return None
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) and n.strip() for n in names):
+        return [n.strip() for n in names]
+    return None
+
+
 def _why_unreadable(p: Path, e: Exception, first: str) -> str:
     """What is wrong with the file, in a user's terms: torch.load's message for a file that is no
     checkpoint at all is the unpickler's (``KeyError: 137``: the first byte read as an opcode)."""
@@ -154,7 +180,7 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, source: 
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
                         ("integer or bool where a float is needed", dtype)):
         if keys:
-            shown = ", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")
+            shown = ", ".join(keys[:3]) + (f", +{len(keys) - 3} more" if len(keys) > 3 else "")
             problems.append(f"{len(keys)} {label} ({shown})")
     if problems:
         raise WeightsError(f"{source} does not fit {name}: " + "; ".join(problems))

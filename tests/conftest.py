@@ -36,6 +36,22 @@ def cli(runner):
     return run
 
 
+@pytest.fixture
+def cli80(runner, monkeypatch):
+    """The CLI as an 80-column terminal renders it (tables, wrapped text, typer's --help)."""
+    from edgevit_export import cli as cli_mod
+    from edgevit_export.cli import app, argv
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(cli_mod.console, "_width", 80)
+    monkeypatch.setattr(cli_mod.err_console, "_width", 80)
+
+    def run(*args):
+        return runner.invoke(app, argv([str(a) for a in args]))
+
+    return run
+
+
 # --- a real classifier: SHViT-S1 trained on the drawn shapes (cached across sessions) -------------
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,18 +125,47 @@ def trained():
 
 
 @pytest.fixture(scope="session")
-def pte_s1_64(tmp_path_factory):
-    """shvit_s1 at 64 px exported to .pte once per session (lowering costs 10-30 s a model)."""
-    pytest.importorskip("executorch")
+def onnx_s1_64(tmp_path_factory):
+    """shvit_s1 at 64 px exported to ONNX (checked) once per session; tests read it, never change it."""
     from edgevit_export import api
 
-    return api.export("shvit_s1", format="pte", res=64, out=tmp_path_factory.mktemp("pte"))
+    return api.export("shvit_s1", format="onnx", res=64, out=tmp_path_factory.mktemp("onnx"))
+
+
+def _once_per_run(tmp_path_factory, name: str, make):
+    """What ``make(folder)`` returns, built by one pytest-xdist worker and read back by the others
+    (a conversion costs 30-90 s; each worker would otherwise repeat it). The result is pickled,
+    so it must not hold a live program: export results keep their files, not ``pipeline``."""
+    import os
+    import pickle
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "once-per-run"
+    done = root / f"{name}.pickle"
+    with _locked(root / f"{name}.lock"):
+        if not done.exists():
+            done.write_bytes(pickle.dumps(make(root / name)))
+    return pickle.loads(done.read_bytes())
+
+
+def _export_once(tmp_path_factory, fmt: str):
+    import dataclasses
+
+    from edgevit_export import api
+
+    return _once_per_run(tmp_path_factory, f"shvit_s1-64-{fmt}", lambda out: dataclasses.replace(
+        api.export("shvit_s1", format=fmt, res=64, out=out), pipeline=None))
+
+
+@pytest.fixture(scope="session")
+def pte_s1_64(tmp_path_factory):
+    """shvit_s1 at 64 px exported to .pte once per run (lowering costs 10-30 s a model)."""
+    pytest.importorskip("executorch")
+    return _export_once(tmp_path_factory, "pte")
 
 
 @pytest.fixture(scope="session")
 def tflite_s1_64(tmp_path_factory):
-    """shvit_s1 at 64 px exported to .tflite once per session (litert-torch takes ~15-30 s a model)."""
+    """shvit_s1 at 64 px exported to .tflite once per run (litert-torch takes ~15-30 s a model)."""
     pytest.importorskip("litert_torch")
-    from edgevit_export import api
-
-    return api.export("shvit_s1", format="tflite", res=64, out=tmp_path_factory.mktemp("tflite"))
+    return _export_once(tmp_path_factory, "tflite")

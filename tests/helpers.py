@@ -95,3 +95,16 @@ def random_state_dict(shapes: Iterable[tuple[str, tuple]], *, seed: int,
         else:
             sd[k] = torch.randn(shape, generator=g) * 0.1
     return sd
+
+
+ONE_LINE = ("error:", "check failed:")   # one-line messages by design: the terminal wraps them
+
+
+def assert_fits_80(output: str) -> None:
+    """Every line of ``output`` fits 80 columns and no value was cut by a table ("…"); the one-line
+    error and check-failed messages are exempt from the width (they stay one line, to grep)."""
+    for line in output.splitlines():
+        if line.startswith(ONE_LINE):
+            continue
+        assert len(line) <= 80, f"{len(line)} columns: {line!r}"
+        assert "…" not in line, f"a value cut short: {line!r}"

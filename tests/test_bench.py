@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from edgevit_export.bench import report
@@ -166,15 +167,60 @@ def test_plot_and_markdown_from_a_result(tmp_path):
     assert report.to_csv(result).count("\n") == 7
 
 
+def _figures(monkeypatch) -> list:
+    """The figures the plots render (after titling), kept for the test to read."""
+    figs, real = [], report._png
+    monkeypatch.setattr(report, "_png", lambda fig, plt, r: (real(fig, plt, r), figs.append(fig))[0])
+    return figs
+
+
 def test_one_resolution_plots_a_ranking(tmp_path, monkeypatch):
-    """`bench all --res 224` plots models ranked (a one-point 'vs resolution' plot says nothing)."""
+    """`bench all --res 224` plots models ranked (a one-point 'vs resolution' plot says nothing), on
+    a linear axis: a bar's length is its value."""
     seen = []
     ranking = report._plot_ranking
     monkeypatch.setattr(report, "_plot_ranking", lambda r, plt: seen.append(r) or ranking(r, plt))
+    figs = _figures(monkeypatch)
     p = report.write_plot(_plot_result(resolutions=(224,), protocol="shvit-cpu"), tmp_path / "rank.png")
     assert len(seen) == 1
     with Image.open(p) as im:
         im.verify()
+    bars = figs[0].axes[0]
+    assert bars.get_xscale() == "linear" and bars.get_xlim()[0] == 0
+    names = [t.get_text() for t in bars.get_yticklabels()]
+    assert sorted(names) == sorted(t.model for t in seen[0].timings)
+
+
+def test_plot_title_names_the_machine_and_a_busy_machine_is_said(tmp_path, monkeypatch):
+    figs = _figures(monkeypatch)
+    result = _plot_result()
+    result.env.load_average = [0.1, 0.1, 0.1]
+    report.plot_png(result)
+    result.env.load_average = [float(result.env.cpus_available + 3), 1.0, 1.0]
+    report.plot_png(result)
+    quiet, busy = figs
+    title = quiet._suptitle.get_text()
+    assert result.env.cpu in title and "protocol iphone12" in title and "onnxruntime" in title
+    assert quiet._supxlabel is None
+    assert "the machine was busy" in busy._supxlabel.get_text()
+
+
+def test_plot_labels_do_not_collide():
+    """Crowded points (models of nearly the same MACs and latency) get labels that stand apart."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(layout="constrained")
+    ax.scatter([1.0] * 8, [1.0 + 0.001 * i for i in range(8)])
+    ax.set_ylim(0, 2)                 # 8 points within a pixel or two of each other
+    texts = [report._note(ax, f"model_{i}", (1.0, 1.0 + 0.001 * i), "k") for i in range(8)]
+    report._labels_apart(fig, texts, leaders=True)
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -254,11 +300,23 @@ def test_profile_splits_memory_and_compute(cli, s1_64, tmp_path):
     assert {o.op_type for o in p.ops} >= {"Conv", "Softmax"}
     assert any(n.depthwise for n in p.nodes)  # SHViT's 3×3 depthwise convs
     assert classify("Transpose")[0] == "memory-bound" and classify("MatMul")[0] == "compute-bound"
+    # onnxruntime's node names (relu_1_nchwc, conv2d_3_nchwc …) map back to the model's conv modules
+    from edgevit_export.registry import create_model
+
+    modules = dict(create_model("shvit_s1").named_modules())
+    convs = [n for n in p.nodes if n.op_type in ("Conv", "FusedConv")]
+    assert convs and all(isinstance(modules.get(n.module), torch.nn.Conv2d) for n in convs), \
+        [(n.name, n.module) for n in convs if not isinstance(modules.get(n.module), torch.nn.Conv2d)]
+    assert any(n.fused == "Relu" for n in convs)   # SHViT's Conv2d_BN + ReLU, fused by onnxruntime
+    assert len({n.module for n in convs}) == len(convs)
     res = cli("profile", s1_64, "--runs", "3", "--threads", "1", "--json", tmp_path / "p.json")
     assert res.exit_code == 0, res.output
     assert "memory-bound" in res.output and "compute-bound" in res.output and "Conv" in res.output
+    assert "+Relu fused" in res.output
     d = json.loads((tmp_path / "p.json").read_text())["profiles"][0]
     assert d["compute_share"] + d["memory_share"] <= 1.0 + 1e-9
+    slowest = next(n for n in d["nodes"] if n["op_type"] in ("Conv", "FusedConv"))
+    assert slowest["module"] and slowest["module"] in res.output
 
 
 def test_matmul_peak_is_measured():

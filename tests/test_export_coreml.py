@@ -80,11 +80,11 @@ def test_fp16_check_passes_with_ordinary_weights(cli, tmp_path):
 
 
 def test_classifier_labels_are_imagenet_names(s1_coreml):
-    from edgevit_export.exporters.coreml import imagenet_labels
+    from edgevit_export.labels import imagenet_labels
 
     names = imagenet_labels()
     assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
-    assert s1_coreml.manifest["backend"]["labels"] == "imagenet-1k"
+    assert s1_coreml.manifest["labels"]["source"] == "imagenet-1k"
 
 
 @pytest.mark.slow   # ~20-30 s (tier trimmed for the 15-minute budget)
@@ -140,7 +140,7 @@ def test_predict_on_macos_matches_pytorch(s1_coreml):
     x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         ref = torch.softmax(model(x), -1)[0]
-    from edgevit_export.exporters.coreml import imagenet_labels
+    from edgevit_export.labels import imagenet_labels
 
     got = torch.tensor([probs[n] for n in imagenet_labels()])
     assert got.argmax() == ref.argmax() and (got - ref).abs().max() < 2e-2  # fp16 on the device

@@ -13,9 +13,8 @@ from edgevit_export.registry import get_model_info, list_models
 
 
 @pytest.fixture(scope="module")
-def s1_export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx")
-    return api.export("shvit_s1", format="onnx", res=64, out=out), out
+def s1_export(onnx_s1_64):
+    return onnx_s1_64, onnx_s1_64.artifact.parent
 
 
 def test_export_writes_artifact_and_manifest(s1_export):

@@ -311,7 +311,8 @@ def test_concurrent_exports_to_one_path_never_tear_it(tmp_path):
     for art in (forced, plain):
         manifest = json.loads(art.with_suffix(".json").read_text())
         assert manifest["sha256"] == sha256(art)
-        assert sorted(p.name for p in art.parent.iterdir()) == ["m.json", "m.onnx"]
+        assert sorted(p.name for p in art.parent.iterdir()) == ["m.json", "m.labels.txt", "m.md", "m.onnx"]
+        assert manifest["bundle"] == ["m.onnx", "m.labels.txt", "m.md", "m.json"]
 
 
 def test_a_file_that_appears_meanwhile_is_not_replaced_without_force(tmp_path):

@@ -121,10 +121,13 @@ def test_evaluate_model_and_artifact(cli, trained, int8_run):
 
 # --- keep-float and the gate ---------------------------------------------------------------------
 
-def test_keep_float_auto_steps_then_gate_exits_1(cli, trained, tmp_path):
+def test_keep_float_auto_steps_then_gate_exits_1(cli80, trained, tmp_path):
     """No labels and --max-drop 0: the gate is top-1 disagreement; auto keeps the worst nodes in
-    float one candidate at a time, reports them, and exits 1 when the gate still fails."""
-    res = cli("quantize", trained.onnx, "--calib", trained.calib, "--calib-size", 48, "--eval-size", 100,
+    float one candidate at a time, reports them, and exits 1 when the gate still fails. Rendered at
+    80 columns: the node names to copy are whole."""
+    from helpers import assert_fits_80
+
+    res = cli80("quantize", trained.onnx, "--calib", trained.calib, "--calib-size", 48, "--eval-size", 100,
               "--max-drop", 0, "--keep-float", "auto", "--keep-float-max", 1, "--sensitivity", 4,
               "--out", tmp_path, "--threads", THREADS)
     m = _manifest(tmp_path)
@@ -137,6 +140,9 @@ def test_keep_float_auto_steps_then_gate_exits_1(cli, trained, tmp_path):
     kept = [n for s in steps if s["kept"] for n in s["added"]]
     assert 0 <= len(steps) <= 1 and m["quantization"]["excluded_nodes"] == kept
     assert "--keep-float auto: candidates ranked" in res.output and m["quantization"]["keep_float_ranking"]
+    assert_fits_80(res.stdout)
+    for s in m["sensitivity"][:4]:                     # each row's nodes, whole, for --keep-float
+        assert f"  {','.join(s['nodes'])}" in res.stdout
     # the nodes kept float are float in the artifact: no DequantizeLinear feeds their weights
     model = onnx.load(str(tmp_path / "shvit_s1-64.int8.onnx"))
     by_name = {n.name: n for n in model.graph.node}
@@ -442,7 +448,15 @@ def test_quantize_model_name_exports_then_quantizes(cli, trained, tmp_path):
     m = _manifest(tmp_path)
     assert m["source"]["kind"] == "model" and m["source"]["weights"] == str(trained.ckpt)
     assert m["source"]["random_init"] is False and m["normalization"]["mean"] == [0.485, 0.456, 0.406]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shvit_s1-64.int8.json", "shvit_s1-64.int8.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shvit_s1-64.int8.json", "shvit_s1-64.int8.labels.txt",
+                                                          "shvit_s1-64.int8.md", "shvit_s1-64.int8.onnx"]
+    # the int8 manifest names its labels (the --eval folder's classes, the head's order) and the io recipe
+    assert m["labels"]["file"] == "shvit_s1-64.int8.labels.txt" and m["labels"]["source"].startswith("--eval")
+    assert (tmp_path / "shvit_s1-64.int8.labels.txt").read_text().splitlines() == list(CLASSES)
+    rec = m["io"]["inputs"][0]["image"]
+    assert rec["crop"]["crop_pct"] == 0.875 and rec["normalize"]["where"] == "app"
+    card = (tmp_path / "shvit_s1-64.int8.md").read_text()
+    assert "(quantized)" in card and "Quantized against the float model" in card and "OrtEnvironment" in card
 
 
 @pytest.mark.slow
@@ -464,8 +478,10 @@ def test_train_shapes_demo_command(cli, tmp_path):
     res = cli("train-shapes", "--out", tmp_path, "--per-class", 3, "--epochs", 1, "--threads", 1)
     assert res.exit_code == 0, res.output
     ckpt = tmp_path / "shvit_s1-shapes-64.pth"
-    sd = torch.load(ckpt, weights_only=True)["model"]
-    assert sd["head.l.weight"].shape[0] == 10
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["model"]["head.l.weight"].shape[0] == 10
+    assert saved["classes"] == list(CLASSES)                 # the head's class names travel in the checkpoint
+    assert (tmp_path / "shvit_s1-shapes-64.labels.txt").read_text().splitlines() == list(CLASSES)
     assert len(list((tmp_path / "test").rglob("*.png"))) == 1000 and "next: edgevit-export quantize" in res.output
     again = cli("train-shapes", "--out", tmp_path, "--per-class", 3, "--epochs", 1)
     _one_line_error(again, "already exists; pass --force")

@@ -71,7 +71,7 @@ def render_bench(console, result) -> None:
     console.print(t)
     env = result.env
     console.print(f"[dim]environment: {env.one_line()}[/]", highlight=False)
-    if env.load_average and env.load_average[0] > env.cpus_available:
+    if env.busy:
         console.print(f"[yellow]the machine was busy (load {env.load_average[0]:.1f} on {env.cpus_available} CPUs): "
                       "timings are inflated and noisy; re-run on an idle machine for figures to quote[/]",
                       highlight=False)
@@ -151,11 +151,13 @@ def render_profiles(console, profiles, top: int) -> None:
 
     for p, lab in zip(profiles, labels):
         nodes = Table(title=f"slowest {min(top, len(p.nodes))} nodes · {lab}")
-        for col, just in (("node", "left"), ("op", "left"), ("output", "left"), ("ms", "right"), ("share", "right")):
-            nodes.add_column(col, justify=just)
+        for col, just in (("node\n[dim]module[/]", "left"), ("op", "left"), ("output", "left"), ("ms", "right"),
+                          ("share", "right")):
+            nodes.add_column(col, justify=just, overflow="fold")
         for n in p.nodes[:top]:
-            op = n.op_type + (" (depthwise)" if n.depthwise else "")
-            nodes.add_row(n.name, op, "×".join(map(str, n.output_shape or [])), _ms(n.ms), _share(n.share))
+            op = n.op_type + (" (depthwise)" if n.depthwise else "") + (f"\n+{n.fused} fused" if n.fused else "")
+            name = n.name + (f"\n[dim]{n.module}[/]" if n.module else "")
+            nodes.add_row(name, op, "×".join(map(str, n.output_shape or [])), _ms(n.ms), _share(n.share))
         console.print(nodes)
         for note in p.notes:
             console.print(f"[yellow]{lab}: {note}[/]", highlight=False)
@@ -176,7 +178,7 @@ def register(app, console, handle_errors) -> None:
         max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Stop timing one model × "
                                                     "resolution after this long (at least 10 runs / one round); "
                                                     "the table marks it."),
-        passes: str = typer.Option("default", "--passes", help="Export passes: default | none | name,name,…"),
+        passes: str = typer.Option("default", "--passes", help="Export passes: default | none | name,name,..."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write all results (with every run) as JSON."),
         csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write one row per model × resolution as CSV."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot of latency vs resolution."),
@@ -207,7 +209,7 @@ def register(app, console, handle_errors) -> None:
     def profile(
         model: str = typer.Argument(..., help="A model name or the path of an exported .onnx file."),
         res: Optional[str] = typer.Option(None, "--res", help="Resolution, N or HxW (default: the model's)."),
-        passes: str = typer.Option("default", "--passes", help="default | none | name,name,… ; "
+        passes: str = typer.Option("default", "--passes", help="default | none | name,name,... ; "
                                    "'none,default' profiles both side by side."),
         compare: bool = typer.Option(False, "--compare", help="Also profile the export without passes, side by side."),
         threads: int = typer.Option(2, "--threads", help="Intra-op threads (iphone12 protocol: 2)."),

@@ -38,6 +38,17 @@ class Environment:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def busy(self) -> bool:
+        """More runnable work than CPUs when timing started: figures are slower than the machine."""
+        return bool(self.load_average) and self.load_average[0] > self.cpus_available
+
+    def machine_line(self) -> str:
+        """CPU, its vector extensions that matter for int8 and fp32 kernels, CPUs available."""
+        wide = [f for f in ("avx512_vnni", "avx_vnni", "avx512f", "avx2", "asimd", "sve") if f in self.cpu_flags]
+        ext = f" ({wide[0].upper().replace('_', ' ')})" if wide else ""
+        return f"{self.cpu}{ext}, {self.cpus_available} CPUs"
+
     def one_line(self) -> str:
         load = f", load {self.load_average[0]:.1f}" if self.load_average else ""
         return (f"{self.cpu} ({self.cpus_available}/{self.logical_cpus} CPUs available{load}) · "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -84,6 +85,8 @@ class NodeStat:
     share: float
     output_shape: list[int] | None = None
     depthwise: bool = False
+    module: str = ""           # the model's module it came from (ONNX files we wrote), '' if unknown
+    fused: str = ""            # op types onnxruntime fused into this node (e.g. Relu into a Conv)
 
 
 @dataclass
@@ -190,6 +193,43 @@ def aggregate(events: list[dict], runs: int) -> tuple[list[OpStat], list[NodeSta
     return op_stats, nodes, total_ms, [(b - a) / 1e3 for a, b in windows]
 
 
+_ORT_SUFFIX = re.compile(r"(_nchwc|_token_\d+|_output_\d+|_fused|_reorder_\w+)$")
+_SAME_KERNEL = {"FusedConv": "Conv", "NhwcConv": "Conv", "NhwcFusedConv": "Conv", "FusedMatMul": "MatMul",
+                "FusedGemm": "Gemm"}
+
+
+def name_modules(nodes: list[NodeStat], path: Path) -> None:
+    """Fill each node's ``module`` from the file's node metadata. onnxruntime names the nodes its
+    optimisations create after an output or node of the file (``relu_6_nchwc``: the NCHWc Conv
+    that now computes ``relu_6``); where that output's node is of another op type (the Relu fused
+    into the Conv), the module is the one of the producer of that kind, and ``fused`` says so."""
+    from ..exporters.onnx import node_modules
+
+    try:
+        table = node_modules(path)
+    except Exception:  # a file of someone else's or without metadata: names stay onnxruntime's
+        return
+    for n in nodes:
+        keys = [n.name]
+        while (shorter := _ORT_SUFFIX.sub("", keys[-1], count=1)) != keys[-1]:
+            keys.append(shorter)
+        keys += [f"node_{k}" for k in keys]
+        hit = next((table[k] for k in keys if k in table), None)
+        if hit is None:
+            continue
+        want = _SAME_KERNEL.get(n.op_type, n.op_type)
+        module, op, inputs = hit
+        fused = []
+        for _ in range(3):      # walk back through fused activations to the kernel's own node
+            if op == want or not inputs or inputs[0] not in table:
+                break
+            fused.append(op)
+            module, op, inputs = table[inputs[0]]
+        if op != want:
+            module, fused = hit[0], []
+        n.module, n.fused = module, "+".join(reversed(fused))
+
+
 def profile_onnx(path: Path, *, model: str | None = None, res: tuple[int, int] | None = None, passes: str = "",
                  threads: int = 2, runs: int = 50, warmup: int = 5, progress: Callback | None = None) -> Profile:
     """Profile one ONNX file: ``warmup`` runs, then ``runs`` profiled runs that are aggregated."""
@@ -210,6 +250,7 @@ def profile_onnx(path: Path, *, model: str | None = None, res: tuple[int, int] |
         with open(prof, encoding="utf-8") as f:
             events = json.load(f)
     ops, nodes, kernel_ms, walls = aggregate(events, runs)
+    name_modules(nodes, Path(path))
     by = {"compute": 0.0, "memory": 0.0, "other": 0.0}
     groups = {g: 0.0 for g in GROUP_ORDER}
     for o in ops:
@@ -263,8 +304,6 @@ def profile_pte(path: Path, *, model: str | None = None, passes: str = "", threa
     """Profile one ``.pte`` through ExecuTorch's devtools: ETDump events (each XNNPACK operator inside
     the delegate, each portable kernel outside it) over ``runs`` runs after ``warmup`` unprofiled
     ones, aggregated by ``executorch.devtools.Inspector``; per event the median over the runs."""
-    import re
-
     import torch
 
     from ..exporters.pte import PteRunner
@@ -348,8 +387,9 @@ def run_profile(model: str, res: str | int | None = None, *, passes: str = "defa
 
     if runs < 1:
         raise EdgeExportError(f"--runs must be at least 1, got {runs}")
-    if threads < 1:
-        raise EdgeExportError(f"--threads must be at least 1, got {threads}")
+    from ..calibration.options import check_threads
+
+    check_threads(threads)
     if runtime not in ("ort", "executorch"):
         raise EdgeExportError(f"unknown runtime '{runtime}' for profile; use ort or executorch")
     fmt = "pte" if runtime == "executorch" else "onnx"

@@ -126,12 +126,12 @@ def markdown_table(result: BenchResult) -> str:
 
 
 def plot_png(result: BenchResult) -> bytes:
-    """Latency against resolution per model (log-log, p10–p90 band), and achieved GFLOP/s; with a
-    single resolution, a ranking instead (see :func:`_plot_ranking`)."""
+    """Latency against resolution per model (log-log: resolutions and times grow by factors; a
+    p10–p90 band), and achieved GFLOP/s; with a single resolution, a ranking instead
+    (see :func:`_plot_ranking`)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.patheffects as pe
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -140,9 +140,11 @@ def plot_png(result: BenchResult) -> bytes:
     by_model: dict[str, list[Timing]] = {}
     for t in result.timings:
         by_model.setdefault(_label(result, t), []).append(t)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.4), gridspec_kw={"width_ratios": [3, 2]},
+                                  layout="constrained")
     cmap = plt.get_cmap("tab10")
     all_res = sorted({t.res[0] * t.res[1] for t in result.timings})
+    texts = []
     for i, (name, ts) in enumerate(sorted(by_model.items())):
         ts = sorted(ts, key=lambda t: t.res[0] * t.res[1])
         x = [(t.res[0] * t.res[1]) ** 0.5 for t in ts]
@@ -150,10 +152,8 @@ def plot_png(result: BenchResult) -> bytes:
         c = cmap(i % 10)
         ax.plot(x, y, "o-", color=c, label=name, lw=2, ms=6)
         ax.fill_between(x, [t.p10_ms for t in ts], [t.p90_ms for t in ts], color=c, alpha=0.15, lw=0)
-        for xi, yi in zip(x, y):
-            ax.annotate(f"{yi:,.0f}" if yi >= 100 else f"{yi:.1f}" if yi >= 10 else f"{yi:.2f}", (xi, yi), textcoords="offset points",
-                        xytext=(6, 5), fontsize=8, color=c,
-                        path_effects=[pe.withStroke(linewidth=2.5, foreground="white")])
+        # below and right of each point: latency lines rise to the right, so that side is clear
+        texts += [_note(ax, _fmt(yi), (xi, yi), c, 7, -12) for xi, yi in zip(x, y)]
         g = [t.gflops for t in ts]
         if any(v is not None for v in g):
             ax2.plot([xi for xi, v in zip(x, g) if v is not None], [v for v in g if v is not None], "o-",
@@ -166,32 +166,74 @@ def plot_png(result: BenchResult) -> bytes:
         a.xaxis.set_minor_formatter(NullFormatter())
         a.grid(True, which="major", alpha=0.35)
         a.grid(True, which="minor", alpha=0.1)
-        a.set_xlabel("input resolution, px (√(H·W) for non-square inputs)")
+        a.set_xlabel("input resolution, px (√(H·W) for non-square inputs; log scale)")
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.margins(x=0.08, y=0.12)
-    ax2.margins(x=0.08)
+    ax.margins(x=0.1, y=0.15)
+    ax2.margins(x=0.1)
     stat = headline_label(result)
-    ax.set_ylabel(f"ms per batch of {result.protocol.batch} ({stat}; band p10–p90)")
+    ax.set_ylabel(f"ms per batch of {result.protocol.batch} ({stat}; band p10–p90; log scale)")
     ax.set_title("latency vs resolution")
     ax.legend(loc="upper left", fontsize=9, frameon=True)
     ax2.set_ylabel("achieved GFLOP/s (2 × MACs / time)")
     ax2.set_title("achieved throughput")
+    if ax2.lines:
+        ax2.legend(loc="lower right", fontsize=9, frameon=True)
     ax2.set_ylim(bottom=0)
-    return _png(fig, plt, result, "\n")
+    _labels_apart(fig, texts)
+    return _png(fig, plt, result)
 
 
-def _png(fig, plt, result: BenchResult, sep: str) -> bytes:
-    """Title the figure with protocol, runtime and machine, and render it."""
+def _fmt(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def _note(ax, text: str, xy, color, dx: float = 6, dy: float = 4):
+    import matplotlib.patheffects as pe
+
+    return ax.annotate(text, xy, textcoords="offset points", xytext=(dx, dy), fontsize=8, color=color,
+                       path_effects=[pe.withStroke(linewidth=2.5, foreground="white")])
+
+
+def _labels_apart(fig, texts, step: float = 9.0, tries: int = 10, leaders: bool = False) -> None:
+    """Move annotations whose boxes overlap an earlier one up or down (alternately, in ``step``
+    points) until they stand free, so that no value or name is printed over another; with
+    ``leaders``, a label moved away from its point gets a thin line back to it."""
+    if not texts:
+        return
+    fig.canvas.draw()         # limits and layout settle first: the boxes are then where they will print
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for t in texts:
+        x0, y0 = t.get_position()
+        for k in range(tries + 1):
+            shift = ((k + 1) // 2) * step * (1 if k % 2 else -1)
+            t.set_position((x0, y0 + shift))
+            box = t.get_window_extent(renderer).expanded(1.02, 1.1)
+            if not any(box.overlaps(b) for b in placed):
+                break
+        placed.append(t.get_window_extent(renderer))
+        if leaders and shift:
+            t.axes.annotate("", t.xy, xytext=t.get_position(), textcoords="offset points",
+                            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": t.get_color(), "alpha": 0.6,
+                                        "shrinkA": 0, "shrinkB": 3})
+
+
+def _png(fig, plt, result: BenchResult) -> bytes:
+    """Title the figure with protocol, runtime and machine; say on the figure when the machine was
+    busy while it was timed; render it."""
     env = result.env
     names = {"ort": f"onnxruntime {env.onnxruntime}", "torch": f"PyTorch {env.torch}", "executorch": "ExecuTorch (XNNPACK)",
              "litert": "LiteRT (XNNPACK)"}
     rt = " vs ".join(names.get(r, r) for r in result.runtime.split(","))
-    fig.suptitle(f"edgevit-export bench · protocol {result.protocol.name} · {rt} · {result.threads} thread(s){sep}"
-                 f"{env.cpu} · {env.date[:10]}", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(f"{rt} · protocol {result.protocol.name} · {result.threads} thread(s)\n"
+                 f"{env.machine_line()} · {env.date[:10]}", fontsize=11)
+    if env.busy:
+        fig.supxlabel(f"the machine was busy when timing started (load {env.load_average[0]:.1f} on "
+                      f"{env.cpus_available} CPUs): these times are slower than this machine can do",
+                      color="#b00020", fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -214,8 +256,10 @@ def _family(name: str) -> str:
 
 
 def _plot_ranking(result: BenchResult, plt) -> bytes:
-    """One resolution, many models: throughput (or latency) ranked, with p10–p90 whiskers, coloured
-    by family; and latency against MACs per image (log-log), which shows who beats their MACs."""
+    """One resolution, many models: throughput (or latency) ranked on a linear axis, so that a bar
+    twice as long is twice as fast, with p10–p90 whiskers and the value past each whisker,
+    coloured by family; and latency against MACs per image (log-log: points, not lengths), which
+    shows who beats their MACs."""
     p = result.protocol
     per_s = p.headline == "img/s"
     value = (lambda t: t.images_per_s) if per_s else (lambda t: t.headline_ms)  # noqa: E731
@@ -223,7 +267,8 @@ def _plot_ranking(result: BenchResult, plt) -> bytes:
     fams = sorted({_family(t.model) for t in ts})
     cmap = plt.get_cmap("tab10")
     color = {f: cmap(i % 10) for i, f in enumerate(fams)}
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 0.32 * len(ts) + 2.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 0.32 * len(ts) + 2.6), gridspec_kw={"width_ratios": [3, 2]},
+                                  layout="constrained")
     y = list(range(len(ts)))[::-1]
     vals = [value(t) for t in ts]
     if per_s:  # whiskers from the latency quantiles, converted
@@ -232,32 +277,36 @@ def _plot_ranking(result: BenchResult, plt) -> bytes:
     else:
         lo = [v - t.p10_ms for v, t in zip(vals, ts)]
         hi = [t.p90_ms - v for v, t in zip(vals, ts)]
+    lo, hi = [max(0.0, v) for v in lo], [max(0.0, v) for v in hi]
     ax.barh(y, vals, xerr=[lo, hi], color=[color[_family(t.model)] for t in ts], alpha=0.85,
             error_kw={"lw": 1, "capsize": 2})
     ax.set_yticks(y)
     ax.set_yticklabels([_label(result, t) for t in ts], fontsize=9)
-    for yi, v in zip(y, vals):
-        ax.annotate(f"{v:,.1f}", (v, yi), textcoords="offset points", xytext=(4, -3), fontsize=8)
-    ax.set_xscale("log")
+    for yi, v, h in zip(y, vals, hi):
+        ax.annotate(_fmt(v), (v + h, yi), textcoords="offset points", xytext=(4, 0), va="center", fontsize=8)
+    ax.set_xlim(0, max(v + h for v, h in zip(vals, hi)) * 1.12)
+    ax.set_ylim(-0.6, len(ts) - 0.4)
     ax.set_xlabel("images per second (whiskers: p10–p90 run)" if per_s
                   else f"ms per batch of {p.batch} ({headline_label(result)}; whiskers p10–p90)")
     ax.set_title(f"fastest at the top · {fmt_res(ts[0].res)} px, batch {p.batch}")
-    ax.grid(True, axis="x", which="both", alpha=0.25)
+    ax.grid(True, axis="x", alpha=0.25)
+    texts = []
     for f in fams:
         sel = [t for t in ts if _family(t.model) == f and t.macs]
         ax2.scatter([t.macs_per_image / 1e6 for t in sel], [t.headline_ms / t.batch for t in sel], color=color[f],
                     label=f, s=28)
-        for t in sel:
-            ax2.annotate(_label(result, t), (t.macs_per_image / 1e6, t.headline_ms / t.batch), textcoords="offset points",
-                         xytext=(4, 2), fontsize=7, color=color[f])
+        texts += [_note(ax2, _label(result, t), (t.macs_per_image / 1e6, t.headline_ms / t.batch), color[f], 5, 2)
+                  for t in sel]
     ax2.set_xscale("log")
     ax2.set_yscale("log")
-    ax2.set_xlabel("MMACs per image")
-    ax2.set_ylabel("ms per image")
+    ax2.set_xlabel("MMACs per image (log scale)")
+    ax2.set_ylabel("ms per image (log scale)")
     ax2.set_title("latency vs MACs per image")
     ax2.grid(True, which="both", alpha=0.2)
+    ax2.margins(x=0.15, y=0.1)
     ax2.legend(fontsize=8, loc="upper left")
-    return _png(fig, plt, result, " · ")
+    _labels_apart(fig, texts, leaders=True)
+    return _png(fig, plt, result)
 
 
 def write_plot(result: BenchResult, path: str | Path) -> Path:

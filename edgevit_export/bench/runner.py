@@ -58,8 +58,9 @@ def run_bench(models: str | list[str], res: str | int | list | None = None, *, p
     runtimes = list(dict.fromkeys(runtimes))
     if runs is not None and runs < 1:
         raise EdgeExportError(f"--runs must be at least 1, got {runs}")
-    if threads is not None and threads < 1:
-        raise EdgeExportError(f"--threads must be at least 1, got {threads}")
+    from ..calibration.options import check_threads
+
+    check_threads(threads)
     if max_seconds is not None and max_seconds <= 0:
         raise EdgeExportError(f"--max-seconds must be positive, got {max_seconds:g}")
     from ..exporters import get as get_format

@@ -36,7 +36,7 @@ def _skips(console: Console, what: str, non_images: int, corrupt: list) -> None:
     for path, reason in corrupt[:10]:
         console.print(f"[yellow]{what}: skipped corrupt image {path} ({reason})[/]", highlight=False)
     if len(corrupt) > 10:
-        console.print(f"[yellow]{what}: … and {len(corrupt) - 10} more corrupt images (listed in the manifest)[/]")
+        console.print(f"[yellow]{what}: and {len(corrupt) - 10} more corrupt images (listed in the manifest)[/]")
 
 
 def render_quantize(console: Console, r) -> None:
@@ -84,15 +84,20 @@ def render_quantize(console: Console, r) -> None:
             console.print(f"kept in float (for --keep-float): {','.join(r.excluded)}", highlight=False, soft_wrap=True)
     if r.sensitivity:
         stt = Table(title="per-layer sensitivity (int8 error, worst first; SQNR in dB, higher is better)")
-        for col in ("#", "kind", "tensor", "op", "own Q/DQ", "vs float", "keep float with --keep-float"):
-            stt.add_column(col, justify="right" if col in ("#", "own Q/DQ", "vs float") else "left")
+        for col in ("#", "kind", "tensor", "op", "own Q/DQ", "vs float"):
+            stt.add_column(col, justify="right" if col in ("#", "own Q/DQ", "vs float") else "left",
+                           overflow="fold")
         for i, s in enumerate(r.sensitivity[:10], 1):
-            stt.add_row(str(i), s.kind, s.tensor, s.op_type, _db(s.sqnr_db), _db(s.xmodel_db), ",".join(s.nodes))
+            stt.add_row(str(i), s.kind, s.tensor, s.op_type, _db(s.sqnr_db), _db(s.xmodel_db))
         console.print(stt)
+        # the node names to copy, whole, under the table (a table cell would cut them at 80 columns)
+        console.print("to keep a row float: --keep-float NODES, with NODES:", highlight=False)
+        for i, s in enumerate(r.sensitivity[:10], 1):
+            console.print(f"  {i:>2}  {','.join(s.nodes)}", highlight=False, soft_wrap=True)
     if r.calibration is not None:
         cal = r.calibration
         console.print(f"calibration: {r.method}, {cal.images} images from {cal.source} "
-                      f"(file list sha256 {cal.files_sha256[:12]}…); {cal.preprocess}", highlight=False)
+                      f"(file list sha256 {cal.files_sha256[:12]}); {cal.preprocess}", highlight=False)
         _skips(console, "calibration", cal.non_images, cal.corrupt)
     _skips(console, "evaluation", ev.non_images, ev.corrupt)
     console.print(f"scheme: {r.scheme}" + (f"; kept in float: {len(r.excluded)} nodes" if r.excluded else ""))
@@ -150,7 +155,7 @@ def register(app, console, handle_errors) -> None:
                                                                "top-1 disagreement in %); exceeding it exits 1."),
         keep_float: Optional[str] = typer.Option(None, "--keep-float", help="'auto' (keep the most sensitive "
                                                                             "nodes float until within --max-drop) "
-                                                                            "or NODE,NODE…"),
+                                                                            "or NODE,NODE,..."),
         keep_float_max: int = typer.Option(12, "--keep-float-max", help="--keep-float auto: at most N steps "
                                                                         "(ranking up to 3N candidates)."),
         format: str = typer.Option("onnx", "--format", "-f", help="onnx (int8 QDQ) | pte (int8 ExecuTorch, "
@@ -291,8 +296,9 @@ def register(app, console, handle_errors) -> None:
             raise EdgeExportError(f"--domain must be one of {' | '.join(DOMAINS)}, not {domain!r}")
         from ..exporters import artifacts
 
-        if threads is not None and threads < 1:
-            raise EdgeExportError(f"--threads must be at least 1, got {threads}")
+        from .options import check_threads
+
+        check_threads(threads)
         out = artifacts.check_out_dir(out)
         ckpt = out / (f"{model}-shapes-{res}.pth" if domain == "shapes" else f"{model}-{domain}-{res}.pth")
         if ckpt.exists() and not force:
@@ -302,7 +308,9 @@ def register(app, console, handle_errors) -> None:
                              threads=threads, domain=domain, progress=bars)
             write_shapes(tmp / "calib", 30, size=draw_size(res), seed=TRAIN_SEED, domain=domain, progress=bars)
             write_shapes(tmp / "test", 100, size=draw_size(res), seed=TEST_SEED, domain=domain, progress=bars)
-            artifacts.commit_all([(tmp / ckpt.name, ckpt), (tmp / "calib", out / "calib"),
+            names = ckpt.with_name(f"{ckpt.stem}.labels.txt")     # the head's classes, in order (also in the .pth)
+            (tmp / names.name).write_text("\n".join(r.classes) + "\n", encoding="utf-8")
+            artifacts.commit_all([(tmp / ckpt.name, ckpt), (tmp / names.name, names), (tmp / "calib", out / "calib"),
                                   (tmp / "test", out / "test")], force=True)
         t = Table(title=f"{model} trained on drawn {domain} at {res}px")
         for col in ("train images", "epochs", "train top-1", "held-out top-1", "seconds", "threads"):
@@ -310,6 +318,7 @@ def register(app, console, handle_errors) -> None:
         t.add_row(str(r.train_images), str(r.epochs), _pct(r.train_top1), _pct(r.val_top1), f"{r.seconds:.0f}",
                   str(r.threads))
         console.print(t)
-        console.print(f"[bold green]wrote[/] {ckpt}, {out / 'calib'} (calibration), {out / 'test'} (held-out)")
+        console.print(f"[bold green]wrote[/] {ckpt}, {names.name} (class names), {out / 'calib'} (calibration), "
+                      f"{out / 'test'} (held-out)")
         console.print(f"next: edgevit-export quantize {model} --res {res} --weights {ckpt} --calib {out / 'calib'} "
                       f"--eval {out / 'test'}", highlight=False)

@@ -9,11 +9,10 @@ decompressing exactly as coremltools does), against the float model in PyTorch.
 
 from __future__ import annotations
 
-import contextlib
-import io
 
 import numpy as np
 
+from ..quiet import silenced
 from ..exporters.artifacts import size_bytes
 from ..progress import Callback, emit, prefixed
 from . import accuracy as acc
@@ -78,7 +77,7 @@ def _compress_mlpackage(src, staged, palettize: int | None) -> str:
     from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OpPalettizerConfig, OptimizationConfig,
                                              linear_quantize_weights, palettize_weights)
 
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with silenced():
         ml = ct.models.MLModel(str(src), skip_model_load=True)
         if palettize is not None:
             cfg = OptimizationConfig(global_config=OpPalettizerConfig(

@@ -13,7 +13,7 @@ from . import accuracy as acc
 from .data import (ImageScan, ImageSource, LabelledSet, SyntheticSource, check_classes, is_labelled, scan_images,
                    scan_labelled, spread)
 from .data import PreprocessOverrides
-from .options import at_least_one
+from .options import at_least_one, check_threads
 from .results import EvalInfo
 from .target import Target, random_init_note, resolve_target
 
@@ -132,7 +132,7 @@ def evaluate(model: str, data: str | Path, *, res=None, weights: str | None = No
     ``interpolation``/``mean``/``std`` given here."""
     from .. import api
 
-    at_least_one("--threads", threads)
+    check_threads(threads)
     at_least_one("--limit", limit)
     pre_overrides = PreprocessOverrides.parse(crop_pct, interpolation, mean, std)
     target = resolve_target(model, res, weights, purpose="evaluate", preprocess=pre_overrides)

@@ -27,6 +27,15 @@ def at_least_one(flag: str, value: int | None) -> None:
         raise EdgeExportError(f"{flag} must be at least 1, got {value}")
 
 
+MAX_THREADS = 1024
+
+
+def check_threads(value: int | None) -> None:
+    """``--threads``: 1 to 1024 (a larger count overflows the runtimes' thread-pool setters)."""
+    if value is not None and not 1 <= value <= MAX_THREADS:
+        raise EdgeExportError(f"--threads must be 1 to {MAX_THREADS}, got {value}")
+
+
 def parse_keep_float(spec: str | list[str] | None) -> str | list[str] | None:
     """``--keep-float``: None, ``"auto"``, or the node names (comma-separated or a list)."""
     if spec is None or spec == "" or spec == []:
@@ -95,7 +104,7 @@ class QuantizeOptions:
         if self.max_drop is None or not math.isfinite(self.max_drop) or self.max_drop < 0:
             raise EdgeExportError(f"--max-drop must be a non-negative number of top-1 points, got {self.max_drop}")
         at_least_one("--eval-size", self.eval_size)
-        at_least_one("--threads", self.threads)
+        check_threads(self.threads)
         if self.sensitivity_samples is not None and self.sensitivity_samples < 0:
             raise EdgeExportError(f"--sensitivity must be 0 or more images, got {self.sensitivity_samples}")
         keep = parse_keep_float(self.keep_float)

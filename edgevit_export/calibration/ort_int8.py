@@ -9,10 +9,9 @@ per-layer sensitivity ranks the quantized tensors by the error their Q/DQ inject
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
+from ..quiet import silenced
 from ..errors import EdgeExportError
 from ..exporters.artifacts import size_bytes
 from ..progress import Callback, emit, prefixed
@@ -157,7 +156,7 @@ def culprits(path: Path) -> list[Candidate]:
 def _pre_process(float_path: Path, pre_path: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with silenced():
         quant_pre_process(str(float_path), str(pre_path), skip_symbolic_shape=False)
 
 

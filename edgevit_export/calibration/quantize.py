@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import EdgeExportError
+from ..exporters import artifacts, bundle
 from ..progress import Callback
 from .calibrate import calibration_source
 from .data import PreprocessOverrides
@@ -66,8 +67,6 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
     "evaluate float + int8", …) and stages. ``crop_pct``/``interpolation``/``mean``/``std`` override
     the eval transform of the calibration and evaluation images (recorded in the manifest).
     """
-    from ..exporters import artifacts
-
     t0 = time.perf_counter()
     opts = QuantizeOptions(res=res, weights=weights, calib=calib, calib_size=calib_size, method=method,
                            per_channel=per_channel, reduce_range=reduce_range, eval_dir=eval_dir, labels=labels,
@@ -99,7 +98,8 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
     else:
         suffix = f"w{opts.weights_bits}" if opts.weights_bits else f"pal{opts.palettize}"
         artifact, manifest_path = out_dir / f"{base}.{suffix}.mlpackage", out_dir / f"{base}.{suffix}.coreml.json"
-    artifacts.check_free([artifact, manifest_path], opts.force)
+    artifacts.check_free([artifact, manifest_path, *bundle.side_paths(manifest_path)], opts.force)
+    names = _labels(target, opts, eval_set)
 
     with artifacts.staging(out_dir) as tmp, _quiet():
         job = Job(target, opts, calib_src, calib_scan, eval_set, tmp, artifact, manifest_path)
@@ -110,7 +110,32 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
             result.manifest["gate"] = result.gate_dict()
         result.seconds["total"] = time.perf_counter() - t0
         result.manifest["seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
+        m = result.manifest
+        labels_file = bundle.side_paths(manifest_path)[0]
+        m["io"] = bundle.complete_io(m.get("io"), m["normalization"], m["preprocess"], names,
+                                     labels_file.name if names.names else None)
+        side = bundle.stage(tmp, m, manifest_path, names)      # labels file, MODEL-RES.md
         staged_manifest = tmp / manifest_path.name
-        staged_manifest.write_text(manifest_json(result.manifest))
-        artifacts.commit_all([(tmp / artifact.name, artifact), (staged_manifest, manifest_path)], opts.force)
+        staged_manifest.write_text(manifest_json(m))
+        artifacts.commit_all([(tmp / artifact.name, artifact), *side, (staged_manifest, manifest_path)], opts.force,
+                             stale=() if names.names else (labels_file,))
     return result
+
+
+def _labels(target, opts: QuantizeOptions, eval_set) -> bundle.Labels:
+    """The class names of the quantized artifact: ``--labels`` (the class order of --eval), a
+    labelled --eval folder's classes, the checkpoint's, an .onnx's labels file, ImageNet-1k's."""
+    from ..labels import read_labels
+    from ..weights import checkpoint_classes
+
+    n = target.num_classes
+    if opts.labels is not None:
+        return bundle.resolve_labels(n, read_labels(opts.labels), f"--labels {opts.labels}")
+    if getattr(eval_set, "classes", None) and len(eval_set.classes) == n:
+        return bundle.resolve_labels(n, list(eval_set.classes), f"--eval folder names ({eval_set.root})")
+    ckpt = checkpoint_classes(opts.weights) if opts.weights else None
+    fm = target.float_manifest or {}
+    beside = (fm.get("labels") or {}).get("file")
+    if ckpt is None and beside and target.path is not None and (target.path.parent / beside).is_file():
+        ckpt = read_labels(target.path.parent / beside)
+    return bundle.resolve_labels(n, checkpoint=ckpt)

@@ -172,7 +172,7 @@ def train_shapes(checkpoint: str | Path, *, model: str = "shvit_s1", res: int = 
         history[-1]["val_top1"] = round(val_top1, 2)
         net.eval()
         tmp = checkpoint.with_name(f".{checkpoint.name}.tmp{os.getpid()}")
-        torch.save({"model": net.state_dict()}, tmp)
+        torch.save({"model": net.state_dict(), "classes": list(classes)}, tmp)
         os.replace(tmp, checkpoint)
     finally:
         torch.set_num_threads(old_threads)

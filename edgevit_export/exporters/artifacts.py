@@ -89,9 +89,10 @@ def disk_full(e: BaseException | None) -> str | None:
 def staging(out_dir: Path):
     """A temporary directory next to the final artifacts (same filesystem, so moves are atomic
     renames); removed on the way out whatever happens (an error, Ctrl-C). Creates ``out_dir`` if
-    needed, and removes it again if it was created here and nothing was written to it. A write
-    that runs out of space becomes one line (OutputError) instead of the converter's traceback."""
-    created = not Path(out_dir).exists()
+    needed, and removes it again (with the parents made for it) if it was created here and nothing
+    was written to it. A write that runs out of space becomes one line (OutputError) instead of the
+    converter's traceback."""
+    made = _missing_dirs(Path(out_dir))
     prepare_out_dir(out_dir)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".edgevit-tmp-", dir=out_dir))
@@ -107,8 +108,21 @@ def staging(out_dir: Path):
                           f"space (there and in {tempfile.gettempdir()}) or pass another --out") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
-            Path(out_dir).rmdir()
+        for d in made:                       # innermost first; stops at the first that holds something
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def _missing_dirs(d: Path) -> list[Path]:
+    """``d`` and those of its parents that do not exist yet, innermost first."""
+    out = []
+    d = d.expanduser().absolute()
+    while not d.exists() and d != d.parent:
+        out.append(d)
+        d = d.parent
+    return out
 
 
 @contextmanager

@@ -26,19 +26,17 @@ The format contract (see ``exporters/__init__.py``): ``validate_options``, ``con
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import logging
 import os
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..quiet import silenced
 from .. import __version__
 from ..errors import EdgeExportError, first_line
-from ..labels import read_labels
+from ..labels import imagenet_labels, read_labels
 from .check import Gate
 
 TARGETS = ("iOS16", "iOS17", "iOS18")
@@ -53,14 +51,9 @@ TENSOR_INPUT = "images"
 def _ct():
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("coremltools").setLevel(logging.ERROR)
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+    with silenced():
         import coremltools as ct
     return ct
-
-
-def imagenet_labels() -> list[str]:
-    text = resources.files("edgevit_export").joinpath("data/imagenet1k_classes.txt").read_text()
-    return text.splitlines()
 
 
 def validate_options(*, target: str = "iOS16", precision: str = "fp16", labels=None, output=None,
@@ -72,10 +65,7 @@ def validate_options(*, target: str = "iOS16", precision: str = "fp16", labels=N
         raise EdgeExportError(f"unknown --precision '{precision}'; use fp16 or fp32")
     if output is not None and Path(output).suffix != ".mlpackage":
         raise EdgeExportError(f"Core ML output path must end in .mlpackage, got '{output}'")
-    if features and labels is not None:
-        raise EdgeExportError("--labels names a classifier's classes; a --features export has no classifier "
-                              "(drop --labels)")
-    names = read_labels(labels) if labels is not None else None
+    names = read_labels(labels) if isinstance(labels, (str, Path)) else labels   # api.export reads the file
     return {"target": target, "precision": precision, "labels": names, "tensor_input": tensor_input,
             "logits": logits or features, "features": features}
 
@@ -126,7 +116,7 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
 
     compute = (ct.transform.FP16ComputePrecision(op_selector=fp16_selector) if precision == "fp16"
                else ct.precision.FLOAT32)
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+    with silenced():
         ml = ct.convert(program, inputs=inputs, convert_to="mlprogram",
                         minimum_deployment_target=getattr(ct.target, target),
                         compute_precision=compute, **kwargs)
@@ -149,7 +139,6 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
     in_name = TENSOR_INPUT if tensor_input else IMAGE_INPUT
     ml.input_description[in_name] = norm
     spec = ml.get_spec()
-    out_names = [o.name for o in spec.description.output]
     if meta.features:   # the shapes the converted program declares (a padding family floors, others round up)
         shapes = {o.name: list(o.type.multiArrayType.shape) for o in spec.description.output}
         for f in meta.features:
@@ -164,12 +153,24 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
     ml.save(str(path))
     io_desc = {"inputs": [{"name": in_name, "kind": "tensor" if tensor_input else "image", "shape": list(shape),
                            "description": norm}],
-               "outputs": [{"name": n} for n in out_names],
+               "outputs": [_output_io(o, meta.num_classes) for o in spec.description.output],
                "classifier": not logits, "num_classes": meta.num_classes}
     return {"target": target, "precision": precision, "coremltools": ct.__version__,
-            "labels": "given" if options["labels"] else ("imagenet-1k" if names and meta.num_classes == 1000 else
-                                                         ("indices" if names else None)),
-            "io": io_desc}
+            "labels": None if logits else ("names" if options["labels"] else "indices"), "io": io_desc}
+
+
+def _output_io(o, num_classes: int) -> dict:
+    """An output of the package's description: name, dtype and (for arrays) shape."""
+    kind = o.type.WhichOneof("Type")
+    if kind == "multiArrayType":
+        t = o.type.multiArrayType
+        dtype = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "float64"}.get(t.dataType, "float32")
+        return {"name": o.name, "shape": [int(d) for d in t.shape], "dtype": dtype, "kind": "tensor"}
+    if kind == "stringType":
+        return {"name": o.name, "dtype": "string", "kind": "label"}
+    if kind == "dictionaryType":
+        return {"name": o.name, "dtype": "dict[string, float64]", "shape": [num_classes], "kind": "probabilities"}
+    return {"name": o.name, "dtype": kind}
 
 
 def _append_softmax(program: torch.export.ExportedProgram) -> None:
@@ -303,7 +304,7 @@ def report(program: torch.export.ExportedProgram, example: torch.Tensor) -> dict
     ct = _ct()
     title = "Core ML program (coremltools MIL, iOS16)"
     try:
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        with silenced():
             mil = ct.convert(program.run_decompositions({}), convert_to="milinternal",
                              inputs=[ct.TensorType(name=TENSOR_INPUT, shape=tuple(example.shape), dtype=np.float32)],
                              minimum_deployment_target=ct.target.iOS16, compute_precision=ct.precision.FLOAT32)
@@ -323,6 +324,6 @@ def report(program: torch.export.ExportedProgram, example: torch.Tensor) -> dict
     ops = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     norm = {k: ops[k] for k in NORM_PRIMITIVES if k in ops}
     rows = {"non-const ops": sum(ops.values()),
-            "op types": ", ".join(f"{k} {v}" for k, v in list(ops.items())[:8]) + (" …" if len(ops) > 8 else ""),
+            "op types": ", ".join(f"{k} {v}" for k, v in list(ops.items())[:8]) + (f", +{len(ops) - 8} more" if len(ops) > 8 else ""),
             "norm-related ops": ", ".join(f"{k} {v}" for k, v in norm.items()) or "none"}
     return {"title": title, "rows": rows, "detail": {"ops": ops}}

@@ -44,6 +44,7 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
             program, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
             output_names=(meta and meta.output_names) or [OUTPUT_NAME], optimize=True, verbose=False)
     model = onnx_program.model_proto
+    modules = module_paths(model)      # onnxsim drops the exporter's node metadata: read it first
     simplified = False
     note = ""
     if simplify:
@@ -57,10 +58,54 @@ def convert(program: torch.export.ExportedProgram, example: torch.Tensor, path: 
                 note = "onnxsim could not validate its result; kept the unsimplified model"
         except Exception as e:  # onnxsim failing must not lose an otherwise valid export
             note = f"onnxsim failed ({type(e).__name__}); kept the unsimplified model"
+    tag_modules(model, modules)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return {"opset": opset, "simplified": simplified, "note": note, "nodes": len(model.graph.node),
             "ops": _op_counts(model), "io": _io(model)}
+
+
+MODULE_KEY = "module"
+
+
+def module_paths(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name → the dotted path of the innermost module of ours it came from, read from the
+    torch exporter's ``pkg.torch.onnx.name_scopes`` (the module scopes, then the fx node's name).
+    Nodes our passes built without a module (or the exporter's own glue) are left out."""
+    import ast
+
+    out = {}
+    for n in model.graph.node:
+        for p in n.metadata_props:
+            if p.key == "pkg.torch.onnx.name_scopes":
+                try:
+                    scopes = [s for s in ast.literal_eval(p.value)[:-1] if isinstance(s, str) and s]
+                except (ValueError, SyntaxError):
+                    scopes = []
+                if scopes:
+                    out[n.name] = scopes[-1]
+    return out
+
+
+def tag_modules(model: onnx.ModelProto, modules: dict[str, str]) -> None:
+    """Write each node's module path into its metadata (``module``): Netron shows it, and
+    ``profile`` maps onnxruntime's node names back to the model through it."""
+    for n in model.graph.node:
+        if n.name in modules and not any(p.key == MODULE_KEY for p in n.metadata_props):
+            n.metadata_props.add(key=MODULE_KEY, value=modules[n.name])
+
+
+def node_modules(path: Path) -> dict[str, tuple[str, str, list[str]]]:
+    """For a saved ONNX file: every node name and every output name → (module path or '', op type,
+    the node's inputs). onnxruntime names the nodes it creates after these."""
+    model = onnx.load(str(path), load_external_data=False)
+    out: dict[str, tuple[str, str, list[str]]] = {}
+    for n in model.graph.node:
+        module = next((p.value for p in n.metadata_props if p.key == MODULE_KEY), "")
+        entry = (module, n.op_type, list(n.input))
+        for key in (*n.output, n.name):
+            out.setdefault(key, entry)
+    return out
 
 
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -69,8 +69,19 @@ class PassResult:
     refused: str | None = None
 
     def as_dict(self) -> dict:
+        """For manifests: only what this pass changed — ``delta`` maps each count that moved to
+        [before, after] (``by_op``: per op type); the whole tables are the manifest's ``graph``."""
         return {"name": self.name, "changed": self.changed, "refused": self.refused,
-                "max_rel_err": self.max_rel_err, "before": self.before.as_dict(), "after": self.after.as_dict()}
+                "max_rel_err": self.max_rel_err, "delta": self.delta()}
+
+    def delta(self) -> dict:
+        b, a = self.before.as_dict(), self.after.as_dict()
+        out = {k: [b[k], a[k]] for k in b if k != "by_op" and b[k] != a[k]}
+        ops = {op: [b["by_op"].get(op, 0), a["by_op"].get(op, 0)]
+               for op in sorted(set(b["by_op"]) | set(a["by_op"])) if b["by_op"].get(op, 0) != a["by_op"].get(op, 0)}
+        if ops:
+            out["by_op"] = ops
+        return out
 
 
 @dataclass
@@ -94,7 +105,7 @@ class PipelineResult:
 
 
 def resolve_passes(spec: str | list[str] | None, backend: str, *, tensor_input: bool = False) -> list[str]:
-    """``default`` | ``none`` | ``name,name,…`` → a list of pass names (validated); ``default`` is
+    """``default`` | ``none`` | ``name,name,...`` → a list of pass names (validated); ``default`` is
     the format's own pipeline (``exporters.FORMATS[backend].passes``)."""
     from ..exporters import get
 

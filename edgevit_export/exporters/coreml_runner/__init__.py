@@ -47,14 +47,13 @@ are concatenated along the first axis.
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from ...quiet import silenced
 from ...errors import EdgeExportError, first_line
 from . import layout  # noqa: F401  (registers its kernels)
 from .base import _NUMPY_OUT, UnsupportedOp, _coercer, _ct, _dtype_name, _to_tensor
@@ -94,7 +93,7 @@ class CoreMLRunner:
         ct = _ct()
         from coremltools.converters.mil.frontend.milproto import load as milload
         try:
-            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            with silenced():
                 ml = ct.models.MLModel(str(self.path), skip_model_load=True)
                 spec = ml.get_spec()
         except Exception as e:  # noqa: BLE001 — a broken or foreign file
@@ -103,7 +102,7 @@ class CoreMLRunner:
             raise EdgeExportError(f"{self.path} is a Core ML '{spec.WhichOneof('Type')}' model, not an ML Program; "
                                   "the reference runner executes ML Programs (convert_to='mlprogram') only")
         try:
-            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            with silenced():
                 prog = milload.load(spec, spec.specificationVersion, ml.weights_dir)
         except Exception as e:  # noqa: BLE001 — coremltools cannot rebuild the program
             op_type = _unknown_op_in(spec)

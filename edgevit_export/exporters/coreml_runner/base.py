@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 from typing import Callable
@@ -11,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ...quiet import silenced
 from ...errors import CannotRun
 
 
@@ -27,7 +26,7 @@ class UnsupportedOp(CannotRun):
 def _ct():
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("coremltools").setLevel(logging.ERROR)
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+    with silenced():
         import coremltools as ct
         from coremltools.converters.mil.frontend.milproto import load as _milload  # noqa: F401
     return ct
