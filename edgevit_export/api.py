@@ -146,7 +146,9 @@ def export(
     if features is not None and labels is not None:
         raise EdgeExportError("--labels names a classifier's classes; a --features export has no classifier "
                               "(drop --labels)")
-    given = read_labels(labels) if labels is not None else None
+    # a classifier's names may repeat (ImageNet-1k's own list, as the labels file we write beside an
+    # export, names 'crane' twice); only a folder-to-class mapping needs them unique
+    given = read_labels(labels, unique=False) if labels is not None else None
     options = backend.validate_options(output=output, opset=opset, target=target, precision=precision,
                                        labels=given, tensor_input=tensor_input, logits=logits, layout=layout,
                                        features=features is not None)
@@ -258,9 +260,7 @@ def export(
                                                                    hw[1] % info.res_multiple) else None,
             "normalization": normalization,
             "preprocess": pre.as_dict(),
-            "io": bundle.complete_io(facts.pop("io"), normalization, pre.as_dict(), names,
-                                     bundle.side_paths(manifest_path)[0].name if names and names.names else None,
-                                     [f.as_dict() for f in model.features] if picked is not None else None),
+            "io": facts.pop("io"),            # completed by bundle.stage
             "passes": [p.as_dict() for p in pipe.passes],
             "pass_tolerance": pipe.tolerance,
             "graph": {"before": pipe.before.as_dict(), "after": pipe.after.as_dict()},
@@ -273,14 +273,13 @@ def export(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         manifest["sha256"] = artifacts.sha256(staged)
-        side = bundle.stage(tmp, manifest, manifest_path, names)     # labels file, MODEL-RES.md
+        side, stale = bundle.stage(tmp, manifest, manifest_path, names,         # io, labels file, MODEL-RES.md
+                                   [f.as_dict() for f in model.features] if picked is not None else None)
         staged_manifest = tmp / manifest_path.name
         staged_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-        labels_file = bundle.side_paths(manifest_path)[0]
         artifacts.commit_all([(staged, artifact)] + ([(tmp / golden_path.name, golden_path)] if golden_kept else [])
                              + side + [(staged_manifest, manifest_path)], force,
-                             stale=(() if golden_kept else (golden_path,))
-                             + (() if names and names.names else (labels_file,)))
+                             stale=(() if golden_kept else (golden_path,)) + stale)
     return ExportResult(name, format, hw, artifact, manifest_path, manifest, pipe,
                         parity=checks.get("parity"), checks=checks, random_init=random_init, seconds=timings)
 
@@ -453,8 +452,8 @@ def run(artifact: str | Path, *, images: list[str | Path] | None = None, top: in
 
     from . import exporters
     from .calibration.data import CorruptImage, load_image
-    from .exporters.bundle import side_paths
-    from .labels import imagenet_labels, read_labels
+    from .exporters.bundle import labels_beside
+    from .labels import imagenet_labels
 
     if top < 1:
         raise EdgeExportError(f"--top must be at least 1, got {top}")
@@ -505,9 +504,7 @@ def run(artifact: str | Path, *, images: list[str | Path] | None = None, top: in
     probs_name, labels, how = _probabilities(runner, results[0])
     if labels is None and probs_name is not None:
         n = results[0][probs_name].shape[-1]
-        beside = side_paths(fmt.manifest_path(path))[0]     # the labels file the export wrote
-        wrote = (manifest.get("labels") or {}).get("file") and beside.is_file()
-        named = read_labels(beside, unique=False) if wrote else None
+        named = labels_beside(fmt.manifest_path(path), manifest)     # the labels file the export wrote
         labels = (named if named and len(named) == n else imagenet_labels() if n == 1000
                   else [f"class {k}" for k in range(n)])
     predictions = []

@@ -158,3 +158,24 @@ def test_checkpoint_classes_travel_and_a_head_without_names_says_so(trained, tmp
     # run reads them
     res = cli("run", tmp_path / "o" / "shvit_s1-64.onnx")
     assert res.exit_code == 0 and "kind " in res.output, res.output
+
+
+def test_quantize_of_an_exported_onnx_keeps_its_labels(onnx_s1_64):
+    """An .onnx we exported carries ImageNet-1k's names beside it (which list 'crane' twice): the
+    int8 artifact takes them over, it does not refuse the repeat."""
+    from edgevit_export.calibration.options import QuantizeOptions
+    from edgevit_export.calibration.quantize import _labels
+    from edgevit_export.calibration.target import resolve_target
+
+    target = resolve_target(str(onnx_s1_64.artifact), None, None)
+    names = _labels(target, QuantizeOptions(calib="synthetic").validated(), None)
+    assert names.names == imagenet_labels() and names.names.count("crane") == 2
+    assert names.source == f"{onnx_s1_64.artifact.name}'s labels file"
+
+
+def test_the_labels_file_we_ship_can_be_given_back(onnx_s1_64, tmp_path):
+    """`--labels` with the labels file of an earlier export (ImageNet-1k's, 'crane' twice) exports."""
+    given = bundle.side_paths(onnx_s1_64.manifest_path)[0]
+    r = api.export("shvit_s1", format="onnx", res=64, out=tmp_path, labels=given, check=False)
+    assert r.manifest["labels"]["source"] == f"--labels {given}"
+    assert bundle.side_paths(r.manifest_path)[0].read_text() == given.read_text()

@@ -206,8 +206,10 @@ def register(app, console, handle_errors) -> None:
         else:
             mark = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
             console.print(f"{mark} {r.comparison.drop_label}: {r.drop:.2f} (≤ {r.max_drop:g})")
-        console.print(f"[bold green]wrote[/] {r.artifact}\n[bold green]wrote[/] {r.manifest_path}"
-                      f"  [dim]{time.perf_counter() - started:.1f}s in all[/]")
+        from ..cli import render_bundle     # the same listing as export's: every file of the bundle
+
+        render_bundle(r.manifest_path, r.manifest)
+        console.print(f"[dim]{time.perf_counter() - started:.1f}s in all[/]")
         if not r.passed:
             from ..errors import CheckFailed
 

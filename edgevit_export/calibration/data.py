@@ -107,9 +107,15 @@ class Preprocess:
         return overrides.apply(pre) if overrides else pre
 
     @property
+    def cover(self) -> tuple[int, int]:
+        """The (h, w) the image is resized to cover, aspect ratio kept, before the center crop
+        (timm: ``math.floor(img_size / crop_pct)``)."""
+        return tuple(max(1, math.floor(d / self.crop_pct + 1e-6)) for d in self.size)
+
+    @property
     def resize_to(self) -> int:
-        """The shorter side after resizing (timm: ``math.floor(img_size / crop_pct)``)."""
-        return max(1, math.floor(min(self.size) / self.crop_pct + 1e-6))
+        """The shorter side after resizing, for a square input."""
+        return min(self.cover)
 
     def describe(self) -> str:
         h, w = self.size
@@ -122,6 +128,7 @@ class Preprocess:
     def as_dict(self) -> dict:
         """For manifests: what an app must do to an image before it feeds the artifact."""
         return {"resize": "shorter side to resize_shorter_to, aspect ratio kept", "resize_shorter_to": self.resize_to,
+                "resize_to_cover": list(self.cover),
                 "crop_pct": self.crop_pct, "interpolation": self.interpolation, "crop": "center",
                 "size": list(self.size),
                 "pixels": (f"raw 0-{self.raw_scale:g} (normalised inside the graph)" if self.raw_scale is not None
@@ -133,7 +140,7 @@ class Preprocess:
         img = img.convert("RGB")
         h, w = self.size
         iw, ih = img.size
-        th, tw = (math.floor(d / self.crop_pct + 1e-6) for d in (h, w))   # timm: floor(img_size / crop_pct)
+        th, tw = self.cover
         scale = max(th / ih, tw / iw)
         nw, nh = max(w, round(iw * scale)), max(h, round(ih * scale))
         if (nw, nh) != (iw, ih):

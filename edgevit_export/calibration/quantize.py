@@ -111,20 +111,17 @@ def quantize(model: str, *, res=None, weights: str | None = None, calib: str | P
         result.seconds["total"] = time.perf_counter() - t0
         result.manifest["seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
         m = result.manifest
-        labels_file = bundle.side_paths(manifest_path)[0]
-        m["io"] = bundle.complete_io(m.get("io"), m["normalization"], m["preprocess"], names,
-                                     labels_file.name if names.names else None)
-        side = bundle.stage(tmp, m, manifest_path, names)      # labels file, MODEL-RES.md
+        side, stale = bundle.stage(tmp, m, manifest_path, names)      # io, labels file, MODEL-RES.md
         staged_manifest = tmp / manifest_path.name
         staged_manifest.write_text(manifest_json(m))
         artifacts.commit_all([(tmp / artifact.name, artifact), *side, (staged_manifest, manifest_path)], opts.force,
-                             stale=() if names.names else (labels_file,))
+                             stale=stale)
     return result
 
 
 def _labels(target, opts: QuantizeOptions, eval_set) -> bundle.Labels:
     """The class names of the quantized artifact: ``--labels`` (the class order of --eval), a
-    labelled --eval folder's classes, the checkpoint's, an .onnx's labels file, ImageNet-1k's."""
+    labelled --eval folder's classes, an .onnx's own labels file, the checkpoint's, ImageNet-1k's."""
     from ..labels import read_labels
     from ..weights import checkpoint_classes
 
@@ -133,9 +130,10 @@ def _labels(target, opts: QuantizeOptions, eval_set) -> bundle.Labels:
         return bundle.resolve_labels(n, read_labels(opts.labels), f"--labels {opts.labels}")
     if getattr(eval_set, "classes", None) and len(eval_set.classes) == n:
         return bundle.resolve_labels(n, list(eval_set.classes), f"--eval folder names ({eval_set.root})")
-    ckpt = checkpoint_classes(opts.weights) if opts.weights else None
-    fm = target.float_manifest or {}
-    beside = (fm.get("labels") or {}).get("file")
-    if ckpt is None and beside and target.path is not None and (target.path.parent / beside).is_file():
-        ckpt = read_labels(target.path.parent / beside)
-    return bundle.resolve_labels(n, checkpoint=ckpt)
+    if target.path is not None and target.float_manifest:      # the .onnx's own labels file
+        from ..exporters import get
+
+        beside = bundle.labels_beside(get("onnx").manifest_path(target.path), target.float_manifest)
+        if beside is not None and len(beside) == n:
+            return bundle.resolve_labels(n, beside, f"{target.path.name}'s labels file")
+    return bundle.resolve_labels(n, checkpoint=checkpoint_classes(opts.weights) if opts.weights else None)

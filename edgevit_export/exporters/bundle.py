@@ -11,8 +11,9 @@ Three pieces, all from data the export already has, for every format alike:
   feed it (Swift for Core ML; Kotlin for ONNX Runtime, LiteRT and ExecuTorch), its parity figures and
   how to re-check it.
 
-:func:`stage` writes the labels file and the card into the staging folder and returns the moves
-that put them in place beside the manifest (``X.json`` → ``X.labels.txt``, ``X.md``).
+:func:`stage` completes the io, writes the labels file and the card into the staging folder and
+returns the moves that put them in place beside the manifest (``X.json`` → ``X.labels.txt``,
+``X.md``); :func:`labels_beside` reads the names back (``run``, ``quantize`` of an .onnx).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def image_recipe(preprocess: dict, normalization: dict) -> dict:
     """What an app does to a photo before this input takes it (timm's eval transform)."""
     h, w = preprocess.get("size") or [0, 0]
     crop = float(preprocess.get("crop_pct") or 1.0)
-    cover = [int(_floor(h / crop)), int(_floor(w / crop))]
+    cover = list(preprocess["resize_to_cover"])
     in_model = bool(normalization.get("in_graph"))
     rng = normalization.get("input_range", "normalized")
     top = rng.split("-", 1)[1] if in_model and "-" in rng else "1"
@@ -87,12 +88,6 @@ def image_recipe(preprocess: dict, normalization: dict) -> dict:
         "feed": (f"raw 8-bit RGB values, 0-{top}: the model normalises" if in_model
                  else "(x / 255 - mean) / std, float32"),
     }
-
-
-def _floor(x: float) -> int:
-    import math
-
-    return math.floor(x + 1e-6)
 
 
 def complete_io(io: dict | None, normalization: dict, preprocess: dict, labels: Labels | None,
@@ -139,10 +134,16 @@ RUNTIMES = {"onnx": "ONNX Runtime (`com.microsoft.onnxruntime:onnxruntime-androi
             "tflite": "LiteRT (`com.google.ai.edge.litert:litert`; the XNNPACK delegate is on by default)"}
 
 
-def stage(tmp: Path, manifest: dict, manifest_path: Path, labels: Labels | None) -> list[tuple[Path, Path]]:
-    """Write the labels file (a classifier with names) and the card into ``tmp``; record them in
-    ``manifest`` (``labels``, ``bundle``); return the (staged, final) moves."""
+def stage(tmp: Path, manifest: dict, manifest_path: Path, labels: Labels | None,
+          features: list | None = None) -> tuple[list[tuple[Path, Path]], tuple[Path, ...]]:
+    """Complete the manifest's ``io`` (:func:`complete_io`), write the labels file (a classifier
+    with names) and the card into ``tmp``, record them in ``manifest`` (``labels``, ``bundle``).
+    Returns the (staged, final) moves and the stale file to remove (a labels file of an earlier
+    export where this one has no names)."""
     labels_path, card_path = side_paths(manifest_path)
+    named = labels is not None and bool(labels.names)
+    manifest["io"] = complete_io(manifest.get("io"), manifest["normalization"], manifest["preprocess"], labels,
+                                 labels_path.name if named else None, features)
     moves = []
     if labels is not None:
         manifest["labels"] = labels.as_dict(labels_path.name)
@@ -153,7 +154,18 @@ def stage(tmp: Path, manifest: dict, manifest_path: Path, labels: Labels | None)
                           manifest_path.name] + ([manifest["golden"]["file"]] if manifest.get("golden") else [])
     (tmp / card_path.name).write_text(card(manifest), encoding="utf-8")
     moves.append((tmp / card_path.name, card_path))
-    return moves
+    return moves, () if named else (labels_path,)
+
+
+def labels_beside(manifest_path: Path, manifest: dict) -> list[str] | None:
+    """The class names an export wrote beside its manifest, or None. Read as written: repeats are
+    kept (ImageNet-1k itself names 'crane' twice)."""
+    from ..labels import read_labels
+
+    path = side_paths(manifest_path)[0]
+    if not (manifest.get("labels") or {}).get("file") or not path.is_file():
+        return None
+    return read_labels(path, unique=False)
 
 
 def card(m: dict) -> str:

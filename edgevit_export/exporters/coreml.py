@@ -65,7 +65,7 @@ def validate_options(*, target: str = "iOS16", precision: str = "fp16", labels=N
         raise EdgeExportError(f"unknown --precision '{precision}'; use fp16 or fp32")
     if output is not None and Path(output).suffix != ".mlpackage":
         raise EdgeExportError(f"Core ML output path must end in .mlpackage, got '{output}'")
-    names = read_labels(labels) if isinstance(labels, (str, Path)) else labels   # api.export reads the file
+    names = read_labels(labels, unique=False) if isinstance(labels, (str, Path)) else labels   # api.export reads the file
     return {"target": target, "precision": precision, "labels": names, "tensor_input": tensor_input,
             "logits": logits or features, "features": features}
 
