@@ -43,9 +43,25 @@ def count_macs(model: nn.Module, res: tuple[int, int], batch: int = 1) -> int:
     """Multiply-accumulates of one forward pass (FlopCounterMode counts 2 FLOPs per MAC)."""
     model.eval()
     x = torch.zeros(batch, 3, *res, device=_device(model))
-    with FlopCounterMode(display=False) as counter:
-        model(x)
+    # normalisation layers keep their input's shape and hold no MACs the counter counts, but it
+    # decomposes them op by op: skipping them halves the time of 'list' and changes no count
+    norms = [m for m in model.modules() if isinstance(m, _NORMS)]
+    for m in norms:
+        m.forward = _same
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for m in norms:
+            del m.forward
     return counter.get_total_flops() // 2
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 @dataclass

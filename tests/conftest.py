@@ -124,14 +124,6 @@ def trained():
                            train=json.loads((d / "train.json").read_text()))
 
 
-@pytest.fixture(scope="session")
-def onnx_s1_64(tmp_path_factory):
-    """shvit_s1 at 64 px exported to ONNX (checked) once per session; tests read it, never change it."""
-    from edgevit_export import api
-
-    return api.export("shvit_s1", format="onnx", res=64, out=tmp_path_factory.mktemp("onnx"))
-
-
 def _once_per_run(tmp_path_factory, name: str, make):
     """What ``make(folder)`` returns, built by one pytest-xdist worker and read back by the others
     (a conversion costs 30-90 s; each worker would otherwise repeat it). The result is pickled,
@@ -148,13 +140,32 @@ def _once_per_run(tmp_path_factory, name: str, make):
     return pickle.loads(done.read_bytes())
 
 
-def _export_once(tmp_path_factory, fmt: str):
+def _export_once(tmp_path_factory, fmt: str, **options):
     import dataclasses
 
     from edgevit_export import api
 
-    return _once_per_run(tmp_path_factory, f"shvit_s1-64-{fmt}", lambda out: dataclasses.replace(
-        api.export("shvit_s1", format=fmt, res=64, out=out), pipeline=None))
+    key = "-".join([f"shvit_s1-64-{fmt}", *(f"{k}={v}" for k, v in sorted(options.items()))])
+    return _once_per_run(tmp_path_factory, key, lambda out: dataclasses.replace(
+        api.export("shvit_s1", format=fmt, res=64, out=out, **options), pipeline=None))
+
+
+@pytest.fixture(scope="session")
+def onnx_s1_64(tmp_path_factory):
+    """shvit_s1 at 64 px exported to ONNX (checked) once per run; tests read it, never change it."""
+    return _export_once(tmp_path_factory, "onnx")
+
+
+@pytest.fixture(scope="session")
+def coreml_s1_64(tmp_path_factory):
+    """shvit_s1 at 64 px exported to Core ML (image in, classifier out; checked) once per run."""
+    return _export_once(tmp_path_factory, "coreml")
+
+
+@pytest.fixture(scope="session")
+def coreml_fp32_s1_64(tmp_path_factory):
+    """shvit_s1 at 64 px, an fp32 Core ML package (checked in the runner, gated) once per run."""
+    return _export_once(tmp_path_factory, "coreml", precision="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -81,28 +81,20 @@ def test_onnx_bundle(onnx_s1_64):
     assert "Random weights" in card                               # exported without --weights: said on the card
 
 
-def test_coreml_image_input_bundle(tmp_path, cli80):
-    from helpers import assert_fits_80
-
-    res = cli80("export", "shvit_s1", "--format", "coreml", "--res", "64", "--out", tmp_path, "--no-check")
-    assert res.exit_code == 0, res.output
-    art = tmp_path / "shvit_s1-64.mlpackage"
-    m = json.loads((tmp_path / "shvit_s1-64.coreml.json").read_text())
+def test_coreml_image_input_bundle(coreml_s1_64):
+    r = coreml_s1_64
+    labels, card_path, m = _files(r)
     _assert_io_complete(m, image_input=True)
     outs = {o["name"]: o for o in m["io"]["outputs"]}
     assert outs["classLabel"]["dtype"] == "string" and outs["classLabel_probs"]["shape"] == [1000]
-    labels = tmp_path / "shvit_s1-64.coreml.labels.txt"
-    assert labels.read_text().splitlines() == imagenet_labels()
-    card = (tmp_path / "shvit_s1-64.coreml.md").read_text()
+    assert labels.name == "shvit_s1-64.coreml.labels.txt"
+    _assert_labels(r, labels, m, imagenet_labels())
+    card = card_path.read_text()
     steps = _steps(card)
     assert "CVPixelBuffer" in steps and "Do **not** normalise" in steps and "divide each 8-bit value" not in steps
     assert "```swift" in card and "VNCoreMLRequest" in card and "regionOfInterest" in card
-    assert "let f = 0.875" in card and "No parity check was run" in card
-    # the CLI lists what it wrote, each file once, and every file is there
-    for f in m["bundle"]:
-        assert f in res.output and (tmp_path / f).exists()
-    assert art.is_dir()
-    assert_fits_80(res.stdout)
+    assert "let f = 0.875" in card
+    assert f"{m['checks']['parity']['max_abs']:.3g}" in card       # the fp16 package's parity, from the runner
 
 
 def test_coreml_tensor_input_bundle(tmp_path):
@@ -127,8 +119,9 @@ def test_pte_and_tflite_bundles(pte_s1_64, tflite_s1_64):
         assert runtime in card and "```kotlin" in card and "(x − mean) / std" in _steps(card)
 
 
-def test_checkpoint_classes_travel_and_a_head_without_names_says_so(trained, tmp_path, cli):
+def test_checkpoint_classes_travel_and_a_head_without_names_says_so(trained, tmp_path, cli80):
     import torch
+    from helpers import assert_fits_80
 
     from edgevit_export.calibration.shapes import CLASSES
 
@@ -141,22 +134,28 @@ def test_checkpoint_classes_travel_and_a_head_without_names_says_so(trained, tmp
     sd = torch.load(trained.ckpt, weights_only=True)["model"]
     bare = tmp_path / "bare.pth"
     torch.save({"model": sd}, bare)
-    res = cli("export", "shvit_s1", "--res", "64", "--weights", bare, "--out", tmp_path / "o", "--no-check")
+    fast = ("--no-check", "--passes", "none")        # the labels do not depend on either
+    res = cli80("export", "shvit_s1", "--res", "64", "--weights", bare, "--out", tmp_path / "o", *fast)
     assert res.exit_code == 0, res.output
     assert "10 classes and no names" in res.output and "--labels" in res.output
     m = json.loads((tmp_path / "o" / "shvit_s1-64.json").read_text())
     assert m["labels"]["file"] is None and m["labels"]["source"] == "none"
     assert not (tmp_path / "o" / "shvit_s1-64.labels.txt").exists()
-    assert "no names were given" in (tmp_path / "o" / "shvit_s1-64.md").read_text()
+    card = (tmp_path / "o" / "shvit_s1-64.md").read_text()
+    assert "no names were given" in card and "No parity check was run" in card
+    # the CLI lists what it wrote, each file once, and every file is there, at 80 columns
+    for f in m["bundle"]:
+        assert f in res.stdout and (tmp_path / "o" / f).exists()
+    assert_fits_80(res.stdout)
     # --labels names them, for any format
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"kind {i}" for i in range(10)) + "\n")
-    res = cli("export", "shvit_s1", "--res", "64", "--weights", bare, "--out", tmp_path / "o", "--no-check",
-              "--labels", names, "--force")
+    res = cli80("export", "shvit_s1", "--res", "64", "--weights", bare, "--out", tmp_path / "o", *fast,
+                "--labels", names, "--force")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / "shvit_s1-64.labels.txt").read_text().splitlines() == [f"kind {i}" for i in range(10)]
     # run reads them
-    res = cli("run", tmp_path / "o" / "shvit_s1-64.onnx")
+    res = cli80("run", tmp_path / "o" / "shvit_s1-64.onnx")
     assert res.exit_code == 0 and "kind " in res.output, res.output
 
 
@@ -176,6 +175,6 @@ def test_quantize_of_an_exported_onnx_keeps_its_labels(onnx_s1_64):
 def test_the_labels_file_we_ship_can_be_given_back(onnx_s1_64, tmp_path):
     """`--labels` with the labels file of an earlier export (ImageNet-1k's, 'crane' twice) exports."""
     given = bundle.side_paths(onnx_s1_64.manifest_path)[0]
-    r = api.export("shvit_s1", format="onnx", res=64, out=tmp_path, labels=given, check=False)
+    r = api.export("shvit_s1", format="onnx", res=64, out=tmp_path, labels=given, check=False, passes="none")
     assert r.manifest["labels"]["source"] == f"--labels {given}"
     assert bundle.side_paths(r.manifest_path)[0].read_text() == given.read_text()

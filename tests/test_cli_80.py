@@ -34,6 +34,7 @@ def test_normal_output_fits_80_columns(cli80, tmp_path, args):
     assert_fits_80(res.stdout)
 
 
+@pytest.mark.slow   # ~40-70 s; the fast tier renders shvit_s1's inspect at 80 columns (test_inspect)
 def test_inspect_names_every_place_whole(cli80):
     """The 'where' of each finding is under the table, whole (it was cut to 'layers.2.blocks.0…')."""
     res = cli80("inspect", "litv2_s", "--res", "64")     # rank-6 window partitions: long module paths

@@ -16,9 +16,8 @@ def _spec(path):
 
 
 @pytest.fixture(scope="module")
-def s1_coreml(tmp_path_factory):
-    out = tmp_path_factory.mktemp("coreml")
-    return api.export("shvit_s1", format="coreml", res=64, out=out)
+def s1_coreml(coreml_s1_64):
+    return coreml_s1_64
 
 
 def test_default_is_image_in_classifier_out(s1_coreml):

@@ -38,13 +38,18 @@ def test_inspect_coreml_counts_the_programs_ops_before_and_after(cli):
     assert before.get("batch_norm", 0) > after.get("batch_norm", 0)
 
 
-def test_inspect_table_and_bad_input(cli):
-    res = cli("inspect", "shvit_s1", "--res", "64")
+def test_inspect_table_and_bad_input(cli80):
+    """At 80 columns: each finding's 'where' is under the table, whole (test_cli_80 has LITv2's long paths)."""
+    from helpers import assert_fits_80
+
+    res = cli80("inspect", "shvit_s1", "--res", "64")
     assert res.exit_code == 0 and "reshape/view ops" in res.output and "Apple" in res.output
+    assert_fits_80(res.stdout)
+    assert "\n    after: blocks2.3.mixer.m\n" in res.stdout
     # ORT Mobile: onnxruntime's usability checker partitions the ONNX for the phone EPs
     assert "ORT Mobile partitions" in res.output and "NNAPI EP partitions" in res.output
-    assert cli("inspect", "shvit_s1", "--format", "tfl").exit_code == 2
-    assert cli("inspect", "shvit_s1", "--res", "30").exit_code == 2
+    assert cli80("inspect", "shvit_s1", "--format", "tfl").exit_code == 2
+    assert cli80("inspect", "shvit_s1", "--res", "30").exit_code == 2
 
 
 @pytest.mark.slow   # the same checker numbers are asserted in test_ort_mobile; this adds plain → default

@@ -46,10 +46,8 @@ def conv_erf_twice(path):
 
 
 @pytest.fixture(scope="module")
-def shvit_onnx(tmp_path_factory):
-    from edgevit_export.api import export
-
-    return export("shvit_s1", format="onnx", res=64, out=tmp_path_factory.mktemp("ort_mobile")).artifact
+def shvit_onnx(onnx_s1_64):
+    return onnx_s1_64.artifact
 
 
 def test_fully_supported_graph_is_one_partition_everywhere(tmp_path, capfd):

@@ -318,7 +318,10 @@ def test_image_input_is_never_shipped_unnormalised(cli, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-ZOO_FAST = [("shvit_s1", 64), ("litv2_s", 64), ("edgevit_xxs", 64)]
+# LITv2 (the most rewriting: rank_le5, grid sampling) in the fast tier; the others' default Core ML
+# programs are held to 1e-4 there by test_zoo_export's fp32 packages in the runner
+ZOO_FAST = [pytest.param("shvit_s1", 64, marks=pytest.mark.slow), ("litv2_s", 64),
+            pytest.param("edgevit_xxs", 64, marks=pytest.mark.slow)]
 
 
 def _zoo_check(name, res, fmt):

@@ -42,20 +42,22 @@ def _one_line_error(res, message: str) -> None:
 
 @pytest.fixture(scope="session")
 def int8_run(trained, tmp_path_factory):
-    """The headline run: per-channel int8 QDQ of the trained classifier, gated at 1 point."""
+    """The headline run: per-channel int8 QDQ of the trained classifier, gated at 1 point (once per
+    run; the tests read its files, never change them)."""
+    from conftest import _once_per_run
     from typer.testing import CliRunner
 
     from edgevit_export.cli import app
 
-    out = tmp_path_factory.mktemp("int8")
-    res = CliRunner().invoke(app, [str(a) for a in (
-        "quantize", trained.onnx, "--calib", trained.calib, "--calib-size", 128, "--eval", trained.test,
-        "--max-drop", 1.0, "--keep-float", "auto", "--per-channel", "--out", out, "--threads", THREADS)])
-    return SimpleNamespace(res=res, out=out, manifest=_manifest(out) if (out / "shvit_s1-64.int8.json").exists()
-                           else None)
+    def make(out):
+        res = CliRunner().invoke(app, [str(a) for a in (
+            "quantize", trained.onnx, "--calib", trained.calib, "--calib-size", 128, "--eval", trained.test,
+            "--max-drop", 1.0, "--keep-float", "auto", "--per-channel", "--out", out, "--threads", THREADS)])
+        return SimpleNamespace(res=SimpleNamespace(exit_code=res.exit_code, output=res.output), out=out,
+                               manifest=_manifest(out) if (out / "shvit_s1-64.int8.json").exists() else None)
 
+    return _once_per_run(tmp_path_factory, "int8-run", make)
 
-# --- the headline: a real classifier, int8, ≤ 1 point -----------------------------------------
 
 def test_trained_classifier_is_accurate(trained, int8_run):
     m = int8_run.manifest
@@ -199,7 +201,7 @@ def test_keep_float_auto_rescues_an_outlier_the_table_misses(cli, trained, tmp_p
     src = tmp_path / "shvit_s1-64.onnx"
     pw1, pw2 = _outlier_onnx(Path(trained.onnx), src)
     res = cli("quantize", src, "--calib", trained.calib, "--calib-size", 128, "--eval", trained.test,
-              "--eval-size", 300, "--max-drop", 1.0, "--keep-float", "auto", "--keep-float-max", 2,
+              "--eval-size", 300, "--max-drop", 1.0, "--keep-float", "auto", "--keep-float-max", 1,
               "--sensitivity", 4, "--out", tmp_path / "q", "--threads", THREADS)
     m = _manifest(tmp_path / "q")
     before, after = m["metrics_before_keep_float"], m["metrics"]

@@ -19,13 +19,13 @@ from edgevit_export import api, exporters
 
 
 @pytest.fixture(scope="module")
-def onnx_export(tmp_path_factory):
-    return api.export("shvit_s1", format="onnx", res=64, out=tmp_path_factory.mktemp("onnx"))
+def onnx_export(onnx_s1_64):
+    return onnx_s1_64      # read only: the tests that change a weight change a copy
 
 
 @pytest.fixture(scope="module")
-def coreml_fp32(tmp_path_factory):
-    return api.export("shvit_s1", format="coreml", res=64, precision="fp32", out=tmp_path_factory.mktemp("mlp"))
+def coreml_fp32(coreml_fp32_s1_64):
+    return coreml_fp32_s1_64   # read only, like onnx_export
 
 
 def _one_line_error(res, message):
@@ -215,6 +215,7 @@ def test_run_agrees_between_onnx_and_coreml_on_trained_weights(trained, tmp_path
     assert right >= 8, [p.top for p in b.predictions]               # the demo is ~94% accurate
 
 
+@pytest.mark.slow   # ~25 s; the fast tier: test_export_onnx's failed parity exits 1 and keeps the artifact
 def test_an_op_the_runner_lacks_fails_the_check_and_keeps_the_artifact(cli, tmp_path, monkeypatch):
     from edgevit_export.exporters import coreml_runner
 

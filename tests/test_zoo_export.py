@@ -19,8 +19,8 @@ def _family_representatives():
     return sorted(seen.values())
 
 
-def _export_and_check(name, res, fmt, tmp_path, precision="fp16"):
-    r = api.export(name, format=fmt, res=res, out=tmp_path, precision=precision)
+def _export_and_check(name, res, fmt, tmp_path, precision="fp16", r=None):
+    r = r or api.export(name, format=fmt, res=res, out=tmp_path, precision=precision)
     assert r.passed, r.checks
     assert r.checks["program"]["max_rel"] <= 1e-4     # the rewritten torch program, fp32
     p = r.checks["parity"]                            # the saved artifact in its runner
@@ -66,8 +66,9 @@ def _fp32_cases():
 
 
 @pytest.mark.parametrize("name, res", _fp32_cases())
-def test_one_model_per_family_coreml_fp32_in_the_runner(name, res, tmp_path):
-    _export_and_check(name, res, "coreml", tmp_path, precision="fp32")
+def test_one_model_per_family_coreml_fp32_in_the_runner(name, res, tmp_path, request):
+    shared = request.getfixturevalue("coreml_fp32_s1_64") if (name, res) == ("shvit_s1", 64) else None
+    _export_and_check(name, res, "coreml", tmp_path, precision="fp32", r=shared)
 
 
 def _sweep():

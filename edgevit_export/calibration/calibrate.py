@@ -30,7 +30,10 @@ def calibration_source(calib: str | Path, target: Target, size: int, seed: int =
     if str(calib) == "synthetic":
         return SyntheticSource(size, target.preprocess, seed=seed), None
     scan = scan_images(calib, what="calibration")
-    return ImageSource(spread(scan.files, seed), target.preprocess, root=scan.root, limit=size), scan
+    source = ImageSource(spread(scan.files, seed), target.preprocess, root=scan.root, limit=size)
+    if next(iter(source), None) is None:       # a folder of only corrupt files is refused before any export
+        raise no_calibration_images(source)
+    return source, scan
 
 
 class _Reader:
