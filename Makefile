@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
+# pytest-xdist workers: one per CPU, 2 to 4 (each holds torch, onnxruntime and a converter: ~2-3 GB)
+WORKERS ?= $(shell $(PY) -c "import os; print(max(2, min(4, len(os.sched_getaffinity(0)))))")
+
 .PHONY: run test test-all bench venv clean
 
 $(STAMP): pyproject.toml Makefile
@@ -24,10 +27,10 @@ run: $(STAMP)
 	$(BIN)/edgevit-export export shvit_s4 --format coreml --res 1024 --force
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n $(WORKERS)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "slow or not slow"
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m "slow or not slow"
 
 clean:
 	rm -rf $(VENV) exports .pytest_cache

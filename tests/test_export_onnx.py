@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -74,8 +75,15 @@ def test_cli_export_and_existing_file_needs_force(cli, tmp_path):
     assert "randomly initialised" in res.output and "PASS parity" in res.output
     again = cli("export", "shvit_s1", "--res", "64", "--out", tmp_path)
     assert again.exit_code == 2 and "--force" in again.output
+    # --force replaces it; --labels takes back the labels file an export ships (ImageNet-1k's names
+    # 'crane' twice: a classifier's names may repeat)
+    shipped = tmp_path / "shipped.labels.txt"
+    shutil.copy(tmp_path / "shvit_s1-64.labels.txt", shipped)
     assert cli("export", "shvit_s1", "--res", "64", "--out", tmp_path, "--force", "--no-check",
-               "--passes", "none").exit_code == 0
+               "--passes", "none", "--labels", shipped).exit_code == 0
+    m = json.loads((tmp_path / "shvit_s1-64.json").read_text())
+    assert m["labels"]["source"] == f"--labels {shipped}"
+    assert (tmp_path / "shvit_s1-64.labels.txt").read_text() == shipped.read_text()
 
 
 def test_failed_parity_exits_1_and_keeps_artifact(cli, tmp_path, monkeypatch):

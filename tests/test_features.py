@@ -133,7 +133,8 @@ def test_export_features_onnx_subset_and_check(cli, tmp_path):
         assert r.exit_code == 2 and "not class scores (a --features backbone export)" in r.output, r.output
 
 
-@pytest.mark.parametrize("fmt", ["coreml", pytest.param("tflite", marks=pytest.mark.slow),
+@pytest.mark.parametrize("fmt", [pytest.param("coreml", marks=pytest.mark.slow),   # ~30 s each
+                                 pytest.param("tflite", marks=pytest.mark.slow),
                                  pytest.param("pte", marks=pytest.mark.slow)])
 def test_export_features_other_formats(cli, tmp_path, fmt):
     """Core ML (image input, tensor outputs, fp32 in the runner) and LiteRT carry the same named outputs."""

@@ -7,7 +7,7 @@ path, a file where a folder is expected, an unwritable place, odd characters, an
 not exist. The property, for every example: exit 0, 1 or 2, never a traceback; exit 2 prints one
 line on stderr, starting ``error:``, and writes nothing (the sandbox tree is unchanged).
 
-The fast tier runs 300 derandomized examples (the same ones every run: no flaky CI);
+The fast tier runs 200 derandomized examples (the same ones every run: no flaky CI);
 ``make test-all`` runs 10,000 random ones.
 """
 
@@ -200,7 +200,7 @@ def _fuzz(max_examples: int, derandomize: bool, tmp_path_factory, monkeypatch):
 
 
 def test_fuzz_every_command_small(tmp_path_factory, monkeypatch):
-    _fuzz(int(os.environ.get("FUZZ_N", 300)), True, tmp_path_factory, monkeypatch)
+    _fuzz(int(os.environ.get("FUZZ_N", 200)), True, tmp_path_factory, monkeypatch)
 
 
 @pytest.mark.slow

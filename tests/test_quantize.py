@@ -123,6 +123,7 @@ def test_evaluate_model_and_artifact(cli, trained, int8_run):
 
 # --- keep-float and the gate ---------------------------------------------------------------------
 
+@pytest.mark.slow   # ~35 s; the fast tier: the rescue below (auto, at 80 columns) and evaluate's exit 1
 def test_keep_float_auto_steps_then_gate_exits_1(cli80, trained, tmp_path):
     """No labels and --max-drop 0: the gate is top-1 disagreement; auto keeps the worst nodes in
     float one candidate at a time, reports them, and exits 1 when the gate still fails. Rendered at
@@ -195,12 +196,15 @@ def _outlier_onnx(src: Path, dst: Path, k: float = 1000.0) -> tuple[str, str]:
     return pw1.name, pw2.name
 
 
-def test_keep_float_auto_rescues_an_outlier_the_table_misses(cli, trained, tmp_path):
+def test_keep_float_auto_rescues_an_outlier_the_table_misses(cli80, trained, tmp_path):
     """A case built to fail: int8 costs > 1 point, the culprit's own SQNR looks fine. The rescue
-    ranks by what keeping each candidate float does to the logits, keeps the FFN float and passes."""
+    ranks by what keeping each candidate float does to the logits, keeps the FFN float and passes.
+    Rendered at 80 columns: the node names to copy are whole."""
+    from helpers import assert_fits_80
+
     src = tmp_path / "shvit_s1-64.onnx"
     pw1, pw2 = _outlier_onnx(Path(trained.onnx), src)
-    res = cli("quantize", src, "--calib", trained.calib, "--calib-size", 128, "--eval", trained.test,
+    res = cli80("quantize", src, "--calib", trained.calib, "--calib-size", 128, "--eval", trained.test,
               "--eval-size", 300, "--max-drop", 1.0, "--keep-float", "auto", "--keep-float-max", 1,
               "--sensitivity", 4, "--out", tmp_path / "q", "--threads", THREADS)
     m = _manifest(tmp_path / "q")
@@ -215,6 +219,15 @@ def test_keep_float_auto_rescues_an_outlier_the_table_misses(cli, trained, tmp_p
     ranking = m["quantization"]["keep_float_ranking"]
     assert {pw1, pw2} <= set(ranking[0]["nodes"]) and ranking[0]["gain_db"] > 1.0
     assert "candidates ranked by the logit SQNR" in res.output and "kept" in res.output
+    assert_fits_80(res.stdout)
+    for s in m["sensitivity"][:4]:                     # each row's nodes, whole, for --keep-float
+        assert f"  {','.join(s['nodes'])}" in res.stdout
+    # without the rescue the gate fails: exit 1, said, and the artifact kept for inspection
+    res = cli80("quantize", src, "--calib", trained.calib, "--calib-size", 32, "--eval", trained.test,
+                "--eval-size", 100, "--max-drop", 1.0, "--sensitivity", 0, "--out", tmp_path / "f",
+                "--threads", THREADS)
+    assert res.exit_code == 1 and "check failed:" in res.output and "kept for inspection" in res.output, res.output
+    assert _manifest(tmp_path / "f")["gate"]["passed"] is False and (tmp_path / "f" / "shvit_s1-64.int8.onnx").exists()
 
 
 @pytest.mark.slow   # ~15 s each (tier trimmed for the 15-minute budget)

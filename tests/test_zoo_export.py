@@ -59,9 +59,11 @@ def test_one_model_per_family_coreml(name, res, tmp_path):
 
 
 def _fp32_cases():
-    """Every family's fp32 program in the runner, in the fast tier except LITv2 and MobileNetV3,
-    whose fp16 programs run in the runner above, and EfficientViT (17 s; its ONNX runs above)."""
-    return [pytest.param(*m, marks=pytest.mark.slow) if m[0].startswith(("litv2", "mobilenetv3", "efficientvit"))
+    """Every family's fp32 program in the runner: SHViT and EdgeViT in the fast tier; LITv2 and
+    MobileNetV3 run their fp16 programs in the runner there (above, test_litv2.py); EfficientViT,
+    EfficientFormer and FastViT (15-25 s each) in make test-all, beside the whole sweep."""
+    return [pytest.param(*m, marks=pytest.mark.slow)
+            if m[0].startswith(("litv2", "mobilenetv3", "efficientvit", "efficientformer", "fastvit"))
             else m for m in _family_representatives()]
 
 
