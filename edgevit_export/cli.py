@@ -260,8 +260,8 @@ def render_bundle(manifest_path: Path, manifest: dict) -> None:
     files = manifest.get("bundle") or [art, manifest_path.name]
     console.print(f"[bold green]wrote[/] {len(files)} files to {folder}/", highlight=False)
     width = max(len(f) for f in files)
+    app_code = "Swift" if manifest.get("format") == "coreml" else "Kotlin"
     for f in files:
-        app_code = "Swift" if manifest.get("format") == "coreml" else "Kotlin"
         desc = what.get(f) or (f"how to feed it ({app_code})" if f.endswith(".md") else "")
         console.print(f"  {f:<{width}}  {desc}", highlight=False)
     if lab.get("source") == "none":

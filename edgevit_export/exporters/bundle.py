@@ -127,7 +127,6 @@ def complete_io(io: dict | None, normalization: dict, preprocess: dict, labels: 
 
 # --- the card ----------------------------------------------------------------------------------
 
-FORMAT_TITLES = {"onnx": "ONNX", "coreml": "Core ML", "pte": "ExecuTorch", "tflite": "LiteRT"}
 RUNTIMES = {"onnx": "ONNX Runtime (`com.microsoft.onnxruntime:onnxruntime-android`, or onnxruntime-objc on iOS)",
             "coreml": "Core ML (iOS / macOS)",
             "pte": "ExecuTorch with the XNNPACK delegate (`org.pytorch:executorch-android`)",
@@ -178,7 +177,10 @@ def card(m: dict) -> str:
     h, w = m.get("resolution") or rec["crop"]["size"]
     lab = m.get("labels") or {}
     int8 = "quantization" in m
-    title = f"{m.get('model')} at {h}×{w} — {FORMAT_TITLES.get(fmt, fmt)}{' (quantized)' if int8 else ''}"
+    from . import FORMATS
+
+    kind = FORMATS[fmt].title if fmt in FORMATS else fmt
+    title = f"{m.get('model')} at {h}×{w} — {kind}{' (quantized)' if int8 else ''}"
     task = ("backbone: feature maps " + ", ".join(f"{f['name']} (stride {f['stride']})" for f in m["features"])
             if m.get("features") else f"image classifier, {lab.get('classes', '?')} classes")
     lines = [f"# {title}", "",
@@ -298,8 +300,8 @@ def snippet(m: dict, rec: dict, inp: dict, outs: list[dict]) -> list[str]:
     crop = rec["crop"]["crop_pct"]
     if fmt == "coreml":
         cls = Path(art).stem.replace("-", "_").replace(".", "_")
+        classifier = any(o.get("dtype") == "string" for o in outs)
         if inp.get("kind") == "image":
-            classifier = any(o.get("dtype") == "string" for o in outs)
             read = (["    let best = results.first!   // VNClassificationObservation: .identifier (from the model's "
                      "class names), .confidence"] if classifier else
                     [f"    let out = (results.first as! VNCoreMLFeatureValueObservation).featureValue.multiArrayValue!"
@@ -319,7 +321,6 @@ def snippet(m: dict, rec: dict, inp: dict, outs: list[dict]) -> list[str]:
                     "request.regionOfInterest = CGRect(x: (1 - f) / 2, y: (1 - f) / 2, width: f, height: f)",
                     "try VNImageRequestHandler(cgImage: photo, orientation: .up).perform([request])",
                     "```"]
-        classifier = any(o.get("dtype") == "string" for o in outs)
         read = ([f"let best = out.{out_name}                 // the most likely class name",
                  f"let probs = out.{out_name}_probs          // [class name: probability]"] if classifier else
                 [f"let scores = out.featureValue(for: \"{out_name}\")!.multiArrayValue!"

@@ -36,7 +36,7 @@ import torch
 from ..quiet import silenced
 from .. import __version__
 from ..errors import EdgeExportError, first_line
-from ..labels import imagenet_labels, read_labels
+from ..labels import imagenet_labels
 from .check import Gate
 
 TARGETS = ("iOS16", "iOS17", "iOS18")
@@ -65,8 +65,8 @@ def validate_options(*, target: str = "iOS16", precision: str = "fp16", labels=N
         raise EdgeExportError(f"unknown --precision '{precision}'; use fp16 or fp32")
     if output is not None and Path(output).suffix != ".mlpackage":
         raise EdgeExportError(f"Core ML output path must end in .mlpackage, got '{output}'")
-    names = read_labels(labels, unique=False) if isinstance(labels, (str, Path)) else labels   # api.export reads the file
-    return {"target": target, "precision": precision, "labels": names, "tensor_input": tensor_input,
+    # labels: the class names api.export read from --labels (or None)
+    return {"target": target, "precision": precision, "labels": labels, "tensor_input": tensor_input,
             "logits": logits or features, "features": features}
 
 
@@ -164,7 +164,8 @@ def _output_io(o, num_classes: int) -> dict:
     kind = o.type.WhichOneof("Type")
     if kind == "multiArrayType":
         t = o.type.multiArrayType
-        dtype = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "float64"}.get(t.dataType, "float32")
+        kind_name = type(t).ArrayDataType.Name(t.dataType)      # FLOAT32, FLOAT16, DOUBLE, INT32, INT8
+        dtype = "float64" if kind_name == "DOUBLE" else kind_name.lower()
         return {"name": o.name, "shape": [int(d) for d in t.shape], "dtype": dtype, "kind": "tensor"}
     if kind == "stringType":
         return {"name": o.name, "dtype": "string", "kind": "label"}
